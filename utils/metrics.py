@@ -1,0 +1,161 @@
+"""Measuring: deterministic evaluation (loss, perplexity, bits per byte), FLOPs and MFU, and the
+logger that writes console lines, logs/train_<timestamp>.log and TensorBoard events (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.distributed import DistInfo, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size: int, info: DistInfo,
+             autocast: AbstractContextManager | None = None) -> dict[str, float]:
+    """Mean next-byte loss over every byte of `data` after the first, each counted exactly once.
+
+    The text is cut into consecutive windows of context_length predictions (the last one padded
+    and masked); ranks take every world_size-th window and the sums are added across ranks, so
+    the result does not depend on the world size or the batch size.
+    """
+    T, n_targets = context_length, len(data) - 1
+    n_windows = math.ceil(n_targets / T)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of losses, count)
+    mine = list(range(info.rank, n_windows, info.world_size))
+    for i in range(0, len(mine), batch_size):
+        starts = np.array(mine[i:i + batch_size]) * T
+        idx = np.minimum(starts[:, None] + np.arange(T + 1), len(data) - 1)
+        windows = torch.from_numpy(data[idx].astype(np.int64)).to(info.device)
+        x, y = windows[:, :-1], windows[:, 1:].clone()
+        y[torch.from_numpy(starts[:, None] + np.arange(1, T + 1) > n_targets).to(info.device)] = -1
+        with autocast or nullcontext():
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                               reduction="sum")
+        total += torch.stack([loss.double(), (y >= 0).sum().double()])
+    model.train(was_training)
+    loss_sum, count = all_reduce_sum(total, info).tolist()
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": loss / math.log(2),
+            "bytes": int(count)}
+
+
+def flops_per_token(n_params: int, n_layers: int, dim: int, context_length: int) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) plus 12*L*d*T for attention
+    scores and their weighted sum, counted over the full T x T matrix as in PaLM (Chowdhery et al.
+    2022, appendix B) and nanoGPT. N excludes lookup-only embeddings (see GPT.num_params).
+    """
+    return 6 * n_params + 12 * n_layers * dim * context_length
+
+
+# Peak dense (non-sparse) tensor FLOP/s from the vendors' datasheets, by precision used for matmuls.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
+}
+
+
+# device-name patterns, most specific first ("L4" must not match "L40S", nor "A10" match "A100")
+_GPU_NAMES = [("H200", "H200"), ("H100 PCIE", "H100 PCIe"), ("H100 NVL", "H100 NVL"), ("H100", "H100 SXM"),
+              ("A100", "A100"), ("A10G", "A10G"), ("A10", "A10"), ("L4", "L4"), ("RTX 4090", "RTX 4090")]
+
+
+def gpu_peak_key(name: str) -> str | None:
+    """Map torch.cuda.get_device_name() to a PEAK_FLOPS row, or None when unknown."""
+    for pattern, key in _GPU_NAMES:
+        if re.search(rf"\b{pattern}\b", name.upper()):
+            return key
+    return None
+
+
+_cpu_peaks: dict[str, float] = {}
+
+
+def measured_cpu_peak(precision: str, seconds: float = 0.3) -> float:
+    """This CPU's matmul FLOP/s at the precision training uses, measured once per process."""
+    if precision not in _cpu_peaks:
+        dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        _cpu_peaks[precision] = 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
+    return _cpu_peaks[precision]
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, where the number comes from); None when the device is not in the table."""
+    if device.type == "cpu":
+        return measured_cpu_peak(precision), f"measured CPU {precision} matmul peak"
+    if device.type != "cuda":
+        return None, f"no peak known for device type {device.type}"
+    name = torch.cuda.get_device_name(device)
+    key = gpu_peak_key(name)
+    if key is None:
+        return None, f"no peak FLOP/s known for '{name}'; MFU not reported"
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    return PEAK_FLOPS[key][precision], f"{key} {precision} datasheet peak"
+
+
+class MetricsLogger:
+    """Console + log file + TensorBoard on the main rank; every method is a no-op elsewhere."""
+
+    def __init__(self, log_dir: str | Path, is_main: bool, run_name: str | None = None) -> None:
+        self.is_main = is_main
+        self.run_name = run_name or time.strftime("%Y%m%d-%H%M%S")
+        self.file = self.tb = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = Path(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.path = log_dir / f"train_{self.run_name}.log"
+            self.file = open(self.path, "a", buffering=1)
+            self.tb = SummaryWriter(str(log_dir / "tensorboard" / self.run_name))
+
+    def info(self, msg: str) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+            self.file.write(msg + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            # TensorBoard renders markdown; a code block keeps the sample's own line breaks
+            self.tb.add_text(tag, "```\n" + text + "\n```", step)
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        if self.tb is not None:
+            self.tb.add_hparams(hparams, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.is_main:
+            self.tb.close()
+            self.file.close()

@@ -1,0 +1,111 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays matrices only (biases and norm gains are not decayed). Muon (Jordan et al. 2024,
+"Muon: An optimizer for hidden layers in neural networks") orthogonalises the momentum of each
+hidden 2-D weight matrix with a Newton-Schulz iteration; embeddings, the head, biases and gains
+stay on AdamW, inside the same optimizer so one scheduler, scaler and state_dict serve both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from models.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for the optimizer step with 0-based index `step`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":  # warmup, stable, then linear decay (Hägele et al. 2024)
+        decay_start = max(cfg.warmup_steps, int(cfg.max_steps * (1 - cfg.cooldown_frac)))
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G (the U V^T of its SVD), in bf16 as the published Muon does.
+
+    The quintic coefficients push singular values into roughly [0.7, 1.2] in few steps rather
+    than converging exactly to 1, which is all the update needs.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for param groups with muon=True, AdamW for the others."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, betas: tuple[float, float],
+                 adam_lr: float, ns_steps: int = 5, eps: float = 1e-8) -> None:
+        defaults = dict(lr=lr, momentum=momentum, betas=betas, eps=eps, ns_steps=ns_steps, weight_decay=0.0)
+        for g in groups:
+            g.setdefault("lr", lr if g["muon"] else adam_lr)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    g = p.grad.lerp(buf, group["momentum"])  # Nesterov
+                    # scale so the update's RMS does not shrink for tall matrices
+                    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    p.add_(newton_schulz(g, group["ns_steps"]).to(p.dtype), alpha=-lr * scale)
+                else:
+                    if not state:
+                        state.update(step=torch.zeros((), dtype=torch.float32),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    beta1, beta2 = group["betas"]
+                    state["step"] += 1
+                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                    state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+                    t = state["step"].item()
+                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    if cfg.optimizer == "muon":
+        hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
+        groups = [
+            dict(params=[p for p in matrices if id(p) in hidden], muon=True, weight_decay=0.0),
+            dict(params=[p for p in matrices if id(p) not in hidden], muon=False, weight_decay=cfg.weight_decay),
+            dict(params=vectors, muon=False, weight_decay=0.0),
+        ]
+        return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
+                    adam_lr=cfg.lr)
+    groups = [dict(params=matrices, weight_decay=cfg.weight_decay), dict(params=vectors, weight_decay=0.0)]
+    fused = cfg.fused_adamw and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group follows lr_at, scaled to its own base lr (Muon's and AdamW's differ)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
