@@ -28,7 +28,7 @@ from utils import checkpoint as ckpt
 from utils.distributed import (DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, gather_object,
                                maybe_no_sync, unwrap)
 from utils.metrics import MetricsLogger, evaluate, flops_per_token, peak_flops
-from utils.optim import build_optimizer, build_scheduler
+from utils.optim import build_optimizer, build_scheduler, lr_at
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume auto to continue
@@ -205,7 +205,7 @@ class Trainer:
                                             self.info).item()
                 tok_s = steps_since_log * self.tokens_per_step / elapsed
                 mfu = tok_s / self.info.world_size * self.flops_per_token / peak if peak else float("nan")
-                lr = self.scheduler.get_last_lr()[0]
+                lr = lr_at(self.step - 1, t)  # the rate the last step used
                 self.log.scalars(self.step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": norm,
                                              "train/tokens_per_sec": tok_s, "train/mfu": mfu,
                                              "train/skipped_steps": self.skipped_steps})
