@@ -281,7 +281,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if f"{section}.{name}" not in valid_keys():
             raise _unknown(key)
         raw.setdefault(section, {})
-        raw[section] = dict(raw[section] or {}, **{name: yaml.safe_load(value) if value else ""})
+        raw[section] = dict(raw[section] or {}, **{name: value})  # a string; _coerce converts it strictly
     return config_from_dict(raw)
 
 

@@ -5,6 +5,7 @@ logger that writes console lines, logs/train_<timestamp>.log and TensorBoard eve
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -93,7 +94,8 @@ def measured_cpu_peak(precision: str, seconds: float = 0.3) -> float:
     """This CPU's matmul FLOP/s at the precision training uses, measured once per process."""
     if precision not in _cpu_peaks:
         dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        g = torch.Generator().manual_seed(0)  # never the global RNG: resumed runs must draw what uninterrupted ones do
+        a, b = torch.randn(1024, 1024, generator=g).to(dtype), torch.randn(1024, 1024, generator=g).to(dtype)
         a @ b
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -123,7 +125,7 @@ class MetricsLogger:
 
     def __init__(self, log_dir: str | Path, is_main: bool, run_name: str | None = None) -> None:
         self.is_main = is_main
-        self.run_name = run_name or time.strftime("%Y%m%d-%H%M%S")
+        self.run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.file = self.tb = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter

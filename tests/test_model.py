@@ -1,0 +1,79 @@
+"""The model: causality, KV cache, weight tying, parameter count, options."""
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from models.transformer import GPT
+
+OPTIONS = [
+    {},
+    {"pos_emb": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False},
+    {"qk_norm": True, "activation": "relu2", "tie_embeddings": False},
+]
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"dim": 32, "n_layers": 2, "n_heads": 4, "ffn_dim": 64, "context_length": 16, **kw})
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_changing_a_token_leaves_earlier_logits_unchanged(options):
+    """Causality: logits before position t do not depend on token t or later."""
+    model = tiny(**options)
+    x = torch.randint(0, 256, (2, 16))
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 1) % 256
+    a, _ = model(x)
+    b, _ = model(y)
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    assert not torch.allclose(a[:, 9], b[:, 9])
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_kv_cache_generation_equals_recompute(options):
+    """Greedy decoding with the cache gives the same tokens as recomputing the window each step."""
+    model = tiny(**options)
+    for prompt_len in (3, 20):  # shorter than and past the 16-token context
+        prompt = torch.randint(0, 256, (2, prompt_len))
+        cached = torch.stack(list(model.generate(prompt, 30, temperature=0)), 1)
+        full = torch.stack(list(model.generate(prompt, 30, temperature=0, use_cache=False)), 1)
+        assert torch.equal(cached, full)
+
+
+def test_head_is_tied_and_params_counted_once():
+    """The LM head shares the embedding; num_params counts it once."""
+    model = tiny()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    untied = tiny(tie_embeddings=False)
+    assert untied.num_params() == model.num_params() + 256 * 32
+
+
+def test_loss_is_cross_entropy_and_ignores_minus_one():
+    """forward returns (B, T, vocab) logits and the mean loss over targets that are not -1."""
+    model = tiny()
+    x = torch.randint(0, 256, (2, 8))
+    t = torch.randint(0, 256, (2, 8))
+    t[0, :4] = -1
+    logits, loss = model(x, t)
+    assert logits.shape == (2, 8, 256)
+    keep = t != -1
+    expected = torch.nn.functional.cross_entropy(logits[keep], t[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_initial_loss_is_near_uniform():
+    """GPT-2 init starts close to ln(256), the loss of a uniform guess."""
+    model = tiny()
+    x = torch.randint(0, 256, (4, 16))
+    _, loss = model(x, torch.randint(0, 256, (4, 16)))
+    assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.3
+
+
+def test_too_long_input_is_rejected():
+    """More tokens than context_length is an error, not silent garbage."""
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,116 @@
+"""The training step and schedule: formulas, accumulation, overfitting, precisions, non-finite guard, options."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from data.dataset import BatchPlan, load_split
+from models.config import load_config
+from models.transformer import GPT
+from utils.distributed import DistInfo
+from utils.metrics import MetricsLogger
+from utils.optim import lr_at, newton_schulz
+from utils.trainer import Trainer, TrainingDiverged, seed_everything
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
+
+
+def make_trainer(data_dir, tmp_path, **overrides) -> Trainer:
+    cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
+    t = cfg.train
+    plan = BatchPlan(load_split(cfg.data.dir, "train"), cfg.model.context_length, t.batch_size,
+                     t.grad_accum_steps, 0, 1, t.seed)
+    seed_everything(t.seed)
+    return Trainer(GPT(cfg.model), cfg, CPU, plan, load_split(cfg.data.dir, "val"),
+                   MetricsLogger(tmp_path, is_main=False))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_lr_schedule_matches_formula(schedule):
+    """Linear warmup to lr, then cosine (or constant + linear cooldown) down to min_lr."""
+    cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110",
+                             f"train.schedule={schedule}", "train.cooldown_frac=0.5"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    if schedule == "cosine":
+        for s in (10, 35, 60, 85, 110):
+            assert lr_at(s, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 100)))
+    else:
+        assert lr_at(30, cfg) == lr_at(54, cfg) == pytest.approx(1.0)  # stable until step 55
+        for s in (55, 80, 110):
+            assert lr_at(s, cfg) == pytest.approx(1.0 - 0.9 * (s - 55) / 55)
+
+
+def test_accumulation_equals_one_large_batch(tiny_data, tmp_path):
+    """k micro-batches of B give the same update as one batch of k*B (fp32)."""
+    big = make_trainer(tiny_data, tmp_path / "a", train__batch_size=8, train__grad_accum_steps=1)
+    small = make_trainer(tiny_data, tmp_path / "b", train__batch_size=2, train__grad_accum_steps=4)
+    for _ in range(3):
+        loss_big, norm_big, _ = big.train_step()
+        loss_small, norm_small, _ = small.train_step()
+        assert loss_big == pytest.approx(loss_small, rel=1e-5) and norm_big == pytest.approx(norm_small, rel=1e-4)
+    for (name, a), b in zip(big.raw.named_parameters(), small.raw.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_model_overfits_tiny_corpus(tiny_data, tmp_path, precision):
+    """The loss falls clearly within 60 steps, in fp32 and in bf16 autocast."""
+    trainer = make_trainer(tiny_data, tmp_path, train__precision=precision, train__max_steps=60,
+                           train__lr=3e-3, train__warmup_steps=5)
+    losses = [trainer.train_step()[0] for _ in range(60)]
+    assert losses[0] > 5.0 and sum(losses[-5:]) / 5 < 2.8, losses[::10]
+
+
+def test_non_finite_gradient_skips_the_update(tiny_data, tmp_path):
+    """A NaN gradient leaves the weights untouched and is counted; training then continues."""
+    trainer = make_trainer(tiny_data, tmp_path)
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.raw.state_dict().items()}
+    hook = trainer.raw.blocks[0].mlp.fc.weight.register_hook(lambda g: g * float("nan"))
+    _, norm, applied = trainer.train_step()
+    hook.remove()
+    assert not applied and math.isnan(norm) and trainer.skipped_steps == 1 and trainer.step == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())
+    assert trainer.train_step()[2] and trainer.nonfinite_streak == 0
+
+
+def test_repeated_non_finite_steps_stop_the_run(tiny_data, tmp_path):
+    """max_nonfinite_steps in a row raise TrainingDiverged with the fix in the message."""
+    trainer = make_trainer(tiny_data, tmp_path, train__max_nonfinite_steps=2)
+    trainer.raw.blocks[0].mlp.fc.weight.register_hook(lambda g: g * float("inf"))
+    trainer.train_step()
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row.*Lower train.lr"):
+        trainer.train_step()
+
+
+OPTIONS = [
+    {"model__pos_emb": "rope"}, {"model__norm": "rmsnorm"}, {"model__qk_norm": "true"},
+    {"model__activation": "relu2"}, {"model__activation": "swiglu"}, {"model__zero_init_proj": "true"},
+    {"model__tie_embeddings": "false"}, {"model__bias": "false"}, {"model__dropout": 0.1},
+    {"train__optimizer": "muon", "train__muon_lr": 0.02}, {"train__schedule": "wsd"},
+    {"train__activation_checkpointing": "true"},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_option_trains(tiny_data, tmp_path, options):
+    """Each model and optimizer option trains a tiny model with falling loss."""
+    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=30, train__lr=3e-3, **options)
+    losses = [trainer.train_step()[0] for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses[::5]
+
+
+def test_newton_schulz_is_near_orthogonal():
+    """Muon's orthogonalisation maps a matrix to one whose singular values are all near 1."""
+    torch.manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(64, 64))
+    q2, _ = torch.linalg.qr(torch.randn(64, 64))
+    square = q1 @ torch.diag(torch.logspace(0, 1, 64)) @ q2  # singular values spanning 10x
+    for g in (square, torch.randn(32, 96), torch.randn(96, 32)):
+        s = torch.linalg.svdvals(newton_schulz(g).float())
+        assert s.min() > 0.5 and s.max() < 1.3, (g.shape, s.min(), s.max())
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        cos = torch.nn.functional.cosine_similarity(newton_schulz(g).float().flatten(), (u @ vh).flatten(), dim=0)
+        assert cos > 0.9
