@@ -1,0 +1,136 @@
+"""Bad input: one clear line on stderr (what is wrong, how to fix it), exit 2, no traceback, nothing lost."""
+
+import pytest
+
+import inference
+import train_single
+from conftest import make_dataset, run_script, tiny_overrides
+
+
+def fails_with(capsys, main, argv, *fragments) -> None:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def trained(tiny_data, tmp_path):
+    """A finished tiny run: (data dir, run dir)."""
+    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path / "run", train__max_steps=3), check=True)
+    return tiny_data, tmp_path / "run"
+
+
+def test_missing_config_file(capsys, tmp_path):
+    """A config path that does not exist."""
+    fails_with(capsys, train_single.main, ["--config", tmp_path / "nope.yaml"], "config file not found")
+
+
+def test_malformed_config_file(capsys, tmp_path):
+    """A YAML syntax error names the file and line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    fails_with(capsys, train_single.main, ["--config", bad], "is not valid YAML", "line")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.batch_size=abc", "train.batch_size must be int"),
+    ("model.n_heads=3", "must divide model.dim"),
+    ("train.lr=-0.1", "train.lr must be positive"),
+    ("trian.lr=0.1", "did you mean 'train.lr'"),
+])
+def test_wrong_type_or_impossible_value(capsys, tiny_data, tmp_path, override, fragment):
+    """Type and range errors are caught before anything runs."""
+    fails_with(capsys, train_single.main, [*tiny_overrides(tiny_data, tmp_path), override], fragment)
+
+
+def test_context_longer_than_data(capsys, tmp_path):
+    """A context the training split cannot fill says so."""
+    data = make_dataset(tmp_path / "d", "short text " * 10, val_fraction=0.5)
+    fails_with(capsys, train_single.main, [*tiny_overrides(data, tmp_path, model__context_length=128)],
+               "model.context_length=128 is longer than the training split")
+
+
+def test_batch_larger_than_data(capsys, tiny_data, tmp_path):
+    """An impossible global batch for the data names the knobs to lower."""
+    fails_with(capsys, train_single.main, [*tiny_overrides(tiny_data, tmp_path, train__batch_size=5000)],
+               "fewer than one global batch", "train.batch_size")
+
+
+def test_dataset_not_prepared(capsys, tmp_path):
+    """Training on a folder without train.bin names the command that prepares it."""
+    fails_with(capsys, train_single.main, tiny_overrides(tmp_path / "nothing", tmp_path),
+               "dataset not prepared", "python data/prepare_dataset.py --out")
+
+
+def test_empty_split_file(capsys, tmp_path):
+    """An empty train.bin (e.g. a failed copy) is reported, not trained on."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/train.bin").write_bytes(b"")
+    (tmp_path / "d/val.bin").write_bytes(b"xx")
+    fails_with(capsys, train_single.main, tiny_overrides(tmp_path / "d", tmp_path), "train.bin is empty")
+
+
+def test_missing_resume_checkpoint(capsys, tiny_data, tmp_path):
+    """--resume with a path that does not exist."""
+    fails_with(capsys, train_single.main, ["--resume", tmp_path / "x.pt", *tiny_overrides(tiny_data, tmp_path)],
+               "checkpoint not found")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "not a readable checkpoint"),
+    (lambda p: p.write_text("hello"), "not a readable checkpoint"),
+])
+def test_damaged_checkpoint(capsys, trained, damage, fragment):
+    """A truncated file or a non-checkpoint is refused by training and by inference."""
+    data, run = trained
+    path = run / "ckpt/step_0000003.pt"
+    damage(path)
+    fails_with(capsys, train_single.main, ["--resume", path, *tiny_overrides(data, run)], fragment)
+    fails_with(capsys, inference.main, ["--checkpoint", path, "--prompt", "a"], fragment)
+
+
+def test_resume_with_other_model_shape(capsys, trained):
+    """Resuming with a different model lists the settings that differ."""
+    data, run = trained
+    fails_with(capsys, train_single.main, ["--resume", "auto", *tiny_overrides(data, run, model__dim=64,
+                                                                            model__n_layers=3)],
+               "another model shape", "model.dim: checkpoint 32 vs config 64", "model.n_layers: checkpoint 2 vs config 3")
+
+
+def test_existing_run_is_never_overwritten(capsys, trained):
+    """Starting a new run where checkpoints exist refuses, and the files are untouched."""
+    data, run = trained
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
+    fails_with(capsys, train_single.main, tiny_overrides(data, run), "already holds checkpoints", "--resume auto")
+    assert before == {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
+
+
+def test_cuda_requested_but_absent(capsys, tiny_data, tmp_path):
+    """--device cuda on a machine without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    fails_with(capsys, train_single.main, ["--device", "cuda", *tiny_overrides(tiny_data, tmp_path)],
+               "no CUDA GPU is visible", "--device cpu")
+    fails_with(capsys, inference.main, ["--device", "cuda", "--prompt", "a"], "no CUDA GPU is visible")
+
+
+def test_empty_prompt(capsys, trained):
+    """An empty prompt says how to give one."""
+    _, run = trained
+    fails_with(capsys, inference.main, ["--checkpoint", run / "ckpt/best_model.pt", "--prompt", ""],
+               "the prompt is empty")
+
+
+def test_output_folder_not_writable(capsys, tiny_data, tmp_path):
+    """A checkpoint or log folder that cannot be created or written is named with the key to change."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"paths.checkpoint_dir={blocker}/c"],
+               "checkpoint folder", "not writable", "paths.checkpoint_dir")
+    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"paths.log_dir={blocker}/l"],
+               "log folder", "not writable", "paths.log_dir")

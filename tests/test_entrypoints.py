@@ -1,0 +1,91 @@
+"""End to end through the real entry points: prepare -> train_single -> inference, TensorBoard reads logs/."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_TEXT, child_env, run_script, tiny_overrides
+
+SCALARS = {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Prepare a corpus, train a tiny model on it, and return the run folder."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "corpus.txt").write_text(TINY_TEXT)
+    run_script("data/prepare_dataset.py", "--input", tmp / "corpus.txt", "--out", tmp / "data", check=True)
+    proc = run_script("train_single.py", "--config", "configs/cpu_quickstart.yaml",
+                      *tiny_overrides(tmp / "data", tmp / "run", train__max_steps=40, train__eval_every=20,
+                                      train__lr=3e-3, train__log_every=10), check=True)
+    return tmp / "run", proc.stdout
+
+
+def test_training_writes_checkpoints_config_and_log(pipeline):
+    """The run leaves best/last checkpoints, the resolved config beside them, and a log starting with it."""
+    run, stdout = pipeline
+    assert {"best_model.pt", "last_checkpoint.pt", "step_0000040.pt", "config.yaml"} <= \
+        {p.name for p in (run / "ckpt").iterdir()}
+    saved = yaml.safe_load((run / "ckpt/config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 40 and saved["model"]["dim"] == 32
+    (log,) = (run / "logs").glob("train_*.log")
+    text = log.read_text()
+    assert text.startswith("model:") and "global batch 4 sequences" in text and "done: 40 steps" in text
+    assert "world size 1" in stdout
+
+
+def test_inference_samples_from_the_checkpoint(pipeline):
+    """inference.py streams a continuation of the prompt from best_model.pt, on CPU."""
+    run, _ = pipeline
+    proc = run_script("inference.py", "--checkpoint", run / "ckpt/best_model.pt", "--prompt", "the quick",
+                      "--max-new-tokens", "60", "--seed", "0", check=True)
+    assert proc.stdout.startswith("the quick") and len(proc.stdout) >= len("the quick") + 40
+    assert "tokens/s" in proc.stderr
+
+
+def test_tensorboard_event_files_hold_the_scalars(pipeline):
+    """TensorBoard's own reader finds every training scalar in logs/tensorboard/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = pipeline
+    (events_dir,) = (run / "logs" / "tensorboard").iterdir()
+    acc = EventAccumulator(str(events_dir))
+    acc.Reload()
+    assert SCALARS <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("val/loss")] == [20, 40]
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses[-1] < losses[0] - 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_command_serves_the_run(pipeline):
+    """`tensorboard --logdir logs/` (the README's command) serves our scalars over HTTP."""
+    run, _ = pipeline
+    exe = shutil.which("tensorboard")
+    assert exe, "tensorboard is a dependency and must be on PATH"
+    port = free_port()
+    proc = subprocess.Popen([exe, "--logdir", str(run / "logs"), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    try:
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and not tags:
+            try:  # the server answers once it has loaded the event files
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.load(r)
+            except OSError:
+                time.sleep(0.5)
+        assert any(SCALARS <= set(run_tags) for run_tags in tags.values()), tags
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
