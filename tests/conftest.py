@@ -64,9 +64,9 @@ def torchrun_cmd(nproc: int, *args: str | Path, max_restarts: int = 0) -> list[s
 
 
 def run_torchrun(nproc: int, *args: str | Path, timeout: float = 300, max_restarts: int = 0,
-                 check: bool = False) -> subprocess.CompletedProcess:
+                 check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(torchrun_cmd(nproc, *args, max_restarts=max_restarts), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=child_env())
+                          text=True, timeout=timeout, env=env or child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -44,8 +44,9 @@ def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 def slurm_master_addr(nodelist: str) -> str:
     """First host of a SLURM nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03' (as `scontrol show hostnames`)."""
-    prefix, ranges = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist).groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
+    # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
+    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
 
 
 def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:

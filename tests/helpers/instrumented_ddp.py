@@ -1,0 +1,50 @@
+"""train_ddp.py with optional test probes, switched on by environment variables.
+
+    RECORD_BATCHES=DIR                    each rank appends the windows it trains on to DIR/rank<R>.jsonl
+    FAIL_RANK=1 FAIL_AT_STEP=2            that rank raises in train_step at that step (a fault, not a hang)
+
+The probes wrap Trainer/BatchPlan methods from outside, so the product code carries no test hooks.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import train_ddp  # noqa: E402
+from data.dataset import BatchPlan  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+
+def record_batches(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    batch = BatchPlan.batch
+
+    def recording_batch(self: BatchPlan, step: int, micro_step: int, device):
+        with open(out / f"rank{self.rank}.jsonl", "a") as f:
+            starts = [int(s) for s in self.window_starts(step, micro_step)]
+            f.write(json.dumps({"step": step, "micro_step": micro_step, "starts": starts}) + "\n")
+        return batch(self, step, micro_step, device)
+
+    BatchPlan.batch = recording_batch
+
+
+def fail_at(rank: int, step: int) -> None:
+    train_step = Trainer.train_step
+
+    def failing_train_step(self: Trainer):
+        if self.info.rank == rank and self.step == step:
+            raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+        return train_step(self)
+
+    Trainer.train_step = failing_train_step
+
+
+if __name__ == "__main__":
+    if "RECORD_BATCHES" in os.environ:
+        record_batches(Path(os.environ["RECORD_BATCHES"]))
+    if "FAIL_RANK" in os.environ:
+        fail_at(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_AT_STEP"]))
+    sys.exit(train_ddp.main())
