@@ -6,7 +6,9 @@
     python inference.py --prompt-file prompt.txt --stop "\n\n" --top-k 40
 
 Any checkpoint written by training loads here (single process, DDP or compiled), on the CPU
-when no GPU is present. A summary with tokens per second goes to stderr.
+when no GPU is present. The prompt is encoded to UTF-8 bytes, the model's tokens; the output is
+UTF-8 text, printed a character at a time as its bytes arrive. A summary with tokens per second
+goes to stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import codecs
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -26,64 +30,83 @@ from utils.distributed import resolve_device
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model(path: str, device: torch.device, precision: str = "fp32") -> GPT:
-    state = load_checkpoint(path)
+def build_model(state: dict, source: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
+    """The model a loaded checkpoint describes, holding its weights, in eval mode."""
     model = GPT(config_from_dict(state[CONFIG]).model)
-    load_model_weights(model, state[MODEL], path)
+    load_model_weights(model, state[MODEL], str(source))
     return model.to(device=device, dtype=DTYPES[precision]).eval()
 
 
-class StopFilter:
-    """Streams decoded text, holding back just enough to never print part of a stop string."""
+def load_model(path: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
+    return build_model(load_checkpoint(path), path, device, precision)
 
-    def __init__(self, stops: list[str]) -> None:
-        self.stops, self.pending, self.done = stops, "", False
+
+class TextStream:
+    """One sample's bytes in, printable text out, ending just before the first stop string.
+
+    UTF-8 is decoded incrementally: the bytes of an incomplete character wait for the rest and
+    invalid bytes become U+FFFD, so no broken character is ever printed. Text that may be the
+    start of a stop string is held back until it cannot be.
+    """
+
+    def __init__(self, stops: list[str], prompt: bytes = b"") -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops, self.pending, self.text, self.tokens, self.done = stops, "", "", 0, False
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.echo = self.decoder.decode(prompt)  # the prompt's own text; a split last character waits
 
-    def push(self, text: str) -> str:
-        """New text in; the part that is safe to print out. Sets done when a stop string appears."""
-        self.pending += text
+    def push(self, data: bytes, final: bool = False) -> str:
+        """New bytes in (final: no more will come); the text that is now safe to print."""
+        if self.done:
+            return ""
+        self.tokens += len(data)
+        self.pending += self.decoder.decode(data, final)
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.done = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        cut = max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
+            cut = min(hits)
+        else:
+            cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], "" if self.done else self.pending[cut:]
+        self.text += out
         return out
 
 
-def generate_text(model: GPT, prompt: bytes, args: argparse.Namespace, write=None) -> list[str]:
-    """Generate args.num_samples continuations together; stream sample 0 through `write` if given."""
+def generate_text(model: GPT, prompt: bytes, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
+                  seed: int | None = None, stops: list[str] | None = None,
+                  write: Callable[[str], None] | None = None) -> tuple[list[str], int]:
+    """Continue prompt in num_samples samples generated as one batch.
+
+    Returns the continuations and the number of tokens they took (a stop string ends a sample
+    early). Sample 0 streams through `write`, prompt first, as its characters complete.
+    """
     device = model.tok_emb.weight.device
-    idx = torch.tensor([list(prompt)] * args.num_samples, dtype=torch.long, device=device)
+    idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
-    # an incremental decoder holds incomplete multi-byte sequences and replaces invalid bytes
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
-    filters = [StopFilter(args.stop or []) for _ in range(args.num_samples)]
-    texts = [""] * args.num_samples
-    for tokens in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator):
-        for i, token in enumerate(tokens.tolist()):
-            if filters[i].done:
-                continue
-            out = filters[i].push(decoders[i].decode(bytes([token])))
-            texts[i] += out
-            if write and i == 0 and out:
-                write(out)
-        if all(f.done for f in filters):
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    streams = [TextStream(stops or [], prompt) for _ in range(num_samples)]
+    emit = write or (lambda s: None)
+    emit(streams[0].echo)
+    for tokens in model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator):
+        outs = [stream.push(bytes([token])) for stream, token in zip(streams, tokens.tolist())]
+        emit(outs[0])
+        if all(s.done for s in streams):
             break
-    for i, f in enumerate(filters):
-        if not f.done:
-            out = f.push(decoders[i].decode(b"", final=True)) + f.flush()
-            texts[i] += out
-            if write and i == 0 and out:
-                write(out)
-    return texts
+    tails = [stream.push(b"", final=True) for stream in streams]
+    emit(tails[0])
+    return [s.text for s in streams], sum(s.tokens for s in streams)
+
+
+def escaped(s: str) -> str:
+    """Interpret backslash escapes ("\\n\\n" -> two newlines) and keep every other character."""
+    try:
+        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--stop {s!r} has a broken backslash escape ({e.reason}); write a backslash as \\\\") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,8 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=1, help="generated together as one batch")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--stop", nargs="+", default=None, help="end a sample at any of these strings")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same device)")
+    p.add_argument("--stop", nargs="+", action="extend", default=[],
+                   help="end a sample before any of these strings; backslash escapes like \\n work")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
@@ -107,25 +131,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if any(s == "" for s in args.stop or []):
+    args.stop = [escaped(s) for s in args.stop]
+    if "" in args.stop:
         raise UserError("--stop strings must not be empty")
-    args.stop = [codecs.decode(s, "unicode_escape") for s in args.stop or []]  # allow "\n\n"
     return args
 
 
 def read_prompt(args: argparse.Namespace) -> bytes:
     if args.prompt_file is not None:
         try:
-            text = open(args.prompt_file, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+            prompt = Path(args.prompt_file).read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
     elif args.prompt == "-":
-        text = sys.stdin.read()
-    else:
-        text = args.prompt or ""
-    if not text:
+        prompt = sys.stdin.buffer.read()
+    else:  # surrogateescape gives back the exact bytes of an argument that is not valid UTF-8
+        prompt = (args.prompt or "").encode("utf-8", errors="surrogateescape")
+    if not prompt:
         raise UserError("the prompt is empty; give text with --prompt TEXT, --prompt-file FILE or --prompt - (stdin)")
-    return text.encode("utf-8")
+    return prompt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,20 +160,22 @@ def main(argv: list[str] | None = None) -> int:
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
         model = load_model(args.checkpoint, device, precision)
         out = sys.stdout
-        t0 = time.perf_counter()
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(encoding="utf-8")  # the model writes UTF-8, whatever the locale says
         stream = (lambda s: (out.write(s), out.flush())) if args.num_samples == 1 else None
-        if stream:
-            stream(prompt.decode("utf-8", errors="replace"))
-        texts = generate_text(model, prompt, args, stream)
+        t0 = time.perf_counter()
+        texts, n_tokens = generate_text(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                        args.top_p, args.num_samples, args.seed, args.stop, stream)
         elapsed = time.perf_counter() - t0
         if stream:
             out.write("\n")
         else:
+            echo = TextStream([], prompt).echo
             for i, text in enumerate(texts):
-                out.write(f"--- sample {i + 1} ---\n{prompt.decode('utf-8', errors='replace')}{text}\n")
-        n = args.num_samples * args.max_new_tokens
-        print(f"[{args.num_samples} x up to {args.max_new_tokens} tokens in {elapsed:.2f} s, "
-              f"{n / elapsed:,.0f} tokens/s, {device.type} {precision}]", file=sys.stderr)
+                out.write(f"--- sample {i + 1} ---\n{echo}{text}\n")
+        out.flush()
+        print(f"[{n_tokens} tokens in {args.num_samples} sample(s) in {elapsed:.2f} s, "
+              f"{n_tokens / elapsed:,.0f} tokens/s, {device.type} {precision}]", file=sys.stderr)
         return 0
 
     return run_cli(body)

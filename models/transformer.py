@@ -216,7 +216,7 @@ class GPT(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 if idx.size(1) - start > ctx:
-                    start = idx.size(1) - ctx // 2
+                    start = idx.size(1) - max(1, ctx // 2)  # context_length 1 would keep no token
                     cached = 0
                 if use_cache:
                     logits, _ = self(idx[:, start + cached:], pos=cached)

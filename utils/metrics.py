@@ -30,6 +30,10 @@ def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size
     """
     T, n_targets = context_length, len(data) - 1
     n_windows = math.ceil(n_targets / T)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP's forward may broadcast buffers (the RoPE tables), a collective that a rank with no
+        # window to evaluate would never join; evaluation needs no gradient sync anyway
+        model = model.module
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of losses, count)
@@ -105,19 +109,28 @@ def measured_cpu_peak(precision: str, seconds: float = 0.3) -> float:
     return _cpu_peaks[precision]
 
 
+def gpu_peak_flops(name: str, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """(datasheet peak FLOP/s, its source) for a GPU name; None for a GPU not in the table."""
+    key = gpu_peak_key(name)
+    if key is None:
+        return None, f"no peak FLOP/s known for '{name}'; MFU not reported"
+    if precision == "fp32" and tf32:
+        precision = "tf32"
+    return PEAK_FLOPS[key][precision], f"{key} {precision} datasheet peak"
+
+
 def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s, where the number comes from); None when the device is not in the table."""
     if device.type == "cpu":
         return measured_cpu_peak(precision), f"measured CPU {precision} matmul peak"
     if device.type != "cuda":
         return None, f"no peak known for device type {device.type}"
-    name = torch.cuda.get_device_name(device)
-    key = gpu_peak_key(name)
-    if key is None:
-        return None, f"no peak FLOP/s known for '{name}'; MFU not reported"
-    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
-    return PEAK_FLOPS[key][precision], f"{key} {precision} datasheet peak"
+    return gpu_peak_flops(torch.cuda.get_device_name(device), precision, torch.backends.cuda.matmul.allow_tf32)
+
+
+def model_flops_utilization(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Achieved training FLOP/s of one device over its peak (PaLM's MFU); None when the peak is unknown."""
+    return tokens_per_sec * flops_per_token / peak if peak else None
 
 
 class MetricsLogger:

@@ -1,0 +1,98 @@
+"""Loss, perplexity and bits per byte of a checkpoint over a whole data split or any file.
+
+    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --split val
+    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --text-file notes.txt --json out.json
+    torchrun --standalone --nproc_per_node=2 scripts/evaluate.py --checkpoint checkpoints/best_model.pt
+
+Every byte after the first is predicted exactly once, from the context_length bytes of its window
+(utils/metrics.py evaluate, the same function training validates with), so the numbers do not
+depend on --batch-size or on the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from data.dataset import load_split  # noqa: E402
+from inference import build_model  # noqa: E402
+from models.config import DistributedConfig, UserError, run_cli  # noqa: E402
+from utils.checkpoint import CONFIG, load_checkpoint  # noqa: E402
+from utils.distributed import cleanup, init_distributed  # noqa: E402
+from utils.metrics import evaluate  # noqa: E402
+from utils.trainer import autocast_context  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint: loss, perplexity, bits per byte.")
+    p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--split", choices=["train", "val"], default="val", help="a split of the prepared dataset")
+    source.add_argument("--text-file", default=None, help="any file, read as raw bytes")
+    p.add_argument("--data-dir", default=None, help="dataset folder for --split (default: the checkpoint's data.dir)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (per process)")
+    p.add_argument("--max-bytes", type=int, default=0, help="evaluate only this many leading bytes; 0 = all")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast as in training (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.max_bytes < 0:
+        raise UserError("--batch-size must be >= 1 and --max-bytes >= 0")
+    return args
+
+
+def read_data(args: argparse.Namespace, trained_on: str) -> tuple[np.ndarray, str]:
+    """The bytes to evaluate and where they come from; trained_on is the checkpoint's data.dir."""
+    if args.text_file is not None:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UserError(f"--text-file {path} does not exist")
+        data = np.fromfile(path, dtype=np.uint8)
+        source = str(path)
+    else:
+        data_dir = args.data_dir or trained_on
+        data = load_split(data_dir, args.split)
+        source = f"{args.split} split of {data_dir}"
+    data = data[: args.max_bytes or None]
+    if len(data) < 2:
+        raise UserError(f"{source} holds {len(data)} byte(s); evaluation needs at least 2 (one to predict from)")
+    return data, source
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        args = parse_args(argv)
+        info = init_distributed(DistributedConfig(), args.device)
+        try:
+            state = load_checkpoint(args.checkpoint)
+            data, source = read_data(args, state[CONFIG]["data"]["dir"])
+            model = build_model(state, args.checkpoint, info.device)
+            del state  # frees the optimizer state before evaluation allocates activations
+            precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
+            metrics = evaluate(model, data, model.cfg.context_length, args.batch_size, info,
+                               autocast_context(info.device, precision))
+        finally:
+            cleanup()
+        if info.is_main:
+            print(f"{args.checkpoint} on {source}: {metrics['bytes']:,} bytes predicted, "
+                  f"{info.world_size} process(es), {precision}")
+            print(f"loss {metrics['loss']:.6f} nats/byte | perplexity {metrics['perplexity']:.4f} | "
+                  f"bits per byte {metrics['bits_per_byte']:.6f}")
+            if args.json:
+                result = {"checkpoint": str(args.checkpoint), "source": source, "precision": precision,
+                          "world_size": info.world_size, **metrics}
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Evaluation (loss, perplexity, bits per byte over every byte, once), scripts/evaluate.py on 1 and
+2 processes, and what training writes to TensorBoard, read back with TensorBoard's own reader."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_dataset, run_script, run_torchrun, tiny_overrides
+from models.config import ModelConfig
+from models.transformer import GPT
+from utils.distributed import DistInfo
+from utils.metrics import evaluate
+
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+
+
+@torch.no_grad()
+def mean_loss_by_hand(model: GPT, data: np.ndarray, T: int) -> tuple[float, int]:
+    """Every byte after the first predicted once, from the consecutive T-byte window it falls in."""
+    losses = []
+    for start in range(0, len(data) - 1, T):
+        x = torch.from_numpy(data[start:start + T].astype(np.int64))
+        y = torch.from_numpy(data[start + 1:start + T + 1].astype(np.int64))
+        logits = model(x[None, : len(y)])[0][0]
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+    losses = torch.cat(losses)
+    return losses.double().mean().item(), len(losses)
+
+
+@pytest.mark.parametrize("n_bytes", [2, 16, 17, 100, 161])
+def test_evaluate_is_the_mean_per_byte_loss_whatever_the_batch(n_bytes):
+    """Loss = mean of per-byte losses over the whole text; independent of batch size; bpb = loss / ln 2."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=16, pos_emb="rope")).eval()
+    data = np.random.default_rng(n_bytes).integers(0, 256, n_bytes, dtype=np.uint8)
+    expected, count = mean_loss_by_hand(model, data, 16)
+    for batch_size in (1, 3, 64):
+        m = evaluate(model, data, 16, batch_size, ONE_PROCESS)
+        assert m["bytes"] == count == n_bytes - 1
+        assert m["loss"] == pytest.approx(expected, rel=1e-6)
+        assert m["bits_per_byte"] == pytest.approx(m["loss"] / math.log(2), rel=1e-12)
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-12)
+
+
+def test_evaluate_leaves_training_mode_as_it_was():
+    """Evaluation switches to eval mode (no dropout) and restores train mode afterwards."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=8, dropout=0.5))
+    data = np.arange(50, dtype=np.uint8)
+    a = evaluate(model.train(), data, 8, 4, ONE_PROCESS)
+    assert model.training and a["loss"] == pytest.approx(evaluate(model, data, 8, 2, ONE_PROCESS)["loss"], rel=1e-6)
+
+
+def scalar_events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (log_dir / "tensorboard").iterdir()
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """A finished 6-step train_single.py run: (data dir, run dir)."""
+    tmp = tmp_path_factory.mktemp("single")
+    data = make_dataset(tmp / "data")
+    run_script("train_single.py", *tiny_overrides(data, tmp / "run"), check=True)
+    return data, tmp / "run"
+
+
+def test_tensorboard_events_hold_scalars_text_samples_and_hparams(single_run):
+    """The event files hold the training scalars, a text sample per evaluation and the run's hparams + metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, run = single_run
+    acc = scalar_events(run / "logs")
+    tags = acc.Tags()
+    assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    samples = acc.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [3, 6] and all(e.tensor_proto.string_val[0] for e in samples)
+    hparams, metrics = {}, set()
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            hparams = {k: v.number_value or v.string_value for k, v in data.session_start_info.hparams.items()}
+        if data.HasField("experiment"):
+            metrics = {m.name.tag for m in data.experiment.metric_infos}
+    assert hparams["model.dim"] == 32 and hparams["train.max_steps"] == 6 and hparams["model.pos_emb"] == "learned"
+    assert metrics == {"hparam/val_loss", "hparam/best_val_loss"}
+    (final,) = acc.Scalars("hparam/val_loss")
+    assert final.value == pytest.approx(acc.Scalars("val/loss")[-1].value)
+
+
+def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):
+    """scripts/evaluate.py on the last checkpoint gives training's final val loss, and writes JSON."""
+    data, run = single_run
+    proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
+                      "--json", tmp_path / "m.json", check=True)
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["bytes"] == (data / "val.bin").stat().st_size - 1 and result["world_size"] == 1
+    assert result["loss"] == pytest.approx(scalar_events(run / "logs").Scalars("val/loss")[-1].value, rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
+    assert f"bits per byte {result['bits_per_byte']:.6f}" in proc.stdout
+    text = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt",
+                      "--text-file", data / "val.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
+    assert json.loads((tmp_path / "t.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-6), text.stdout
+
+
+def test_evaluate_script_refuses_a_text_too_short(single_run, tmp_path):
+    """A one-byte file has nothing to predict: one error line, exit 2."""
+    _, run = single_run
+    (tmp_path / "one.txt").write_bytes(b"x")
+    proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/best_model.pt", "--text-file",
+                      tmp_path / "one.txt")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "at least 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """2 ranks give 1 process's numbers: training's validation (even with a rank that has no window) and evaluate.py."""
+    data = make_dataset(tmp_path / "data")
+    # 20 bytes = one 19-byte window: rank 1 evaluates nothing and must still join the reduction
+    run_torchrun(2, "train_ddp.py", "--device", "cpu",
+                 *tiny_overrides(data, tmp_path / "run", model__pos_emb="rope", train__eval_max_bytes=20,
+                                 distributed__timeout_s=60), timeout=180, check=True)
+    checkpoint = tmp_path / "run/ckpt/last_checkpoint.pt"
+    single = run_script("scripts/evaluate.py", "--checkpoint", checkpoint, "--max-bytes", "20",
+                        "--json", tmp_path / "one.json", check=True)
+    logged = scalar_events(tmp_path / "run/logs").Scalars("val/loss")[-1].value
+    assert json.loads((tmp_path / "one.json").read_text())["loss"] == pytest.approx(logged, rel=1e-6), single.stdout
+    # 91 windows of 32 bytes in batches of 5: 46 + 45 windows, so the ranks run unequal batch counts
+    run_torchrun(2, "scripts/evaluate.py", "--checkpoint", checkpoint, "--device", "cpu", "--batch-size", "5",
+                 "--max-bytes", "2900", "--json", tmp_path / "two.json", check=True)
+    run_script("scripts/evaluate.py", "--checkpoint", checkpoint, "--max-bytes", "2900", "--json",
+               tmp_path / "one.json", check=True)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["bytes"] == one["bytes"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
