@@ -117,7 +117,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model; falls back to eager with a warning when compilation fails"""
     fused_adamw: bool = True
-    """use the fused AdamW kernel where the device supports it (CUDA)"""
+    """use the fused AdamW kernel (CUDA, and CPU on torch 2.4+)"""
     tf32: bool = True
     """allow TF32 matmuls on Ampere and newer GPUs"""
     activation_checkpointing: bool = False

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,7 +28,7 @@ from models.transformer import GPT
 from utils import checkpoint as ckpt
 from utils.distributed import (DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, gather_object,
                                maybe_no_sync, unwrap)
-from utils.metrics import MetricsLogger, evaluate, flops_per_token, peak_flops
+from utils.metrics import MetricsLogger, evaluate, flops_per_token, model_flops_utilization, peak_flops
 from utils.optim import build_optimizer, build_scheduler, lr_at
 
 EXIT_OK = 0
@@ -58,6 +59,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.nonfinite_streak = 0
         self.skipped_steps = 0
+        self.train_seconds = 0.0  # wall time inside optimizer steps: no evaluation, saving or startup
         self.stop_requested = False
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum_steps * info.world_size * cfg.model.context_length
         self.flops_per_token = flops_per_token(self.raw.num_params(non_embedding=True), cfg.model.n_layers,
@@ -68,11 +70,13 @@ class Trainer:
         epoch, step_in_epoch = self.plan.position(self.step)
         return {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "world_size": self.info.world_size,
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.step * self.tokens_per_step,
-                "nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps}
+                "nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps,
+                "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
         self.nonfinite_streak, self.skipped_steps = state["nonfinite_streak"], state["skipped_steps"]
+        self.train_seconds = state["train_seconds"]
 
     def checkpoint_state(self) -> dict:
         """Everything needed to continue exactly; collective (every rank contributes its RNG)."""
@@ -164,7 +168,7 @@ class Trainer:
         metrics = evaluate(self.model, self.val_data[: self.tcfg.eval_max_bytes or None],
                            self.cfg.model.context_length, self.tcfg.batch_size, self.info, self.autocast)
         self.log.info(f"step {self.step}: val loss {metrics['loss']:.4f}, bits/byte {metrics['bits_per_byte']:.4f}, "
-                      f"perplexity {metrics['perplexity']:.2f}")
+                      f"perplexity {metrics['perplexity']:.2f}, after {self.train_seconds:.1f} s of training")
         self.log.scalars(self.step, {"val/loss": metrics["loss"], "val/bits_per_byte": metrics["bits_per_byte"],
                                      "val/perplexity": metrics["perplexity"]})
         if self.info.is_main and self.tcfg.sample_tokens:
@@ -194,7 +198,9 @@ class Trainer:
         t_log, steps_since_log = time.perf_counter(), 0
         exit_code = EXIT_OK
         while self.step < t.max_steps:
+            t_step = time.perf_counter()
             loss, norm, _ = self.train_step()
+            self.train_seconds += time.perf_counter() - t_step
             losses.append(loss)
             steps_since_log += 1
             bar.update(1)
@@ -204,7 +210,8 @@ class Trainer:
                 mean_loss = all_reduce_mean(torch.tensor(sum(losses) / len(losses), device=self.info.device),
                                             self.info).item()
                 tok_s = steps_since_log * self.tokens_per_step / elapsed
-                mfu = tok_s / self.info.world_size * self.flops_per_token / peak if peak else float("nan")
+                mfu = model_flops_utilization(tok_s / self.info.world_size, self.flops_per_token, peak)
+                mfu = math.nan if mfu is None else mfu
                 lr = lr_at(self.step - 1, t)  # the rate the last step used
                 self.log.scalars(self.step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": norm,
                                              "train/tokens_per_sec": tok_s, "train/mfu": mfu,
@@ -236,15 +243,14 @@ class Trainer:
                   if isinstance(v, (int, float, str, bool))}
             self.log.hparams(hp, {"hparam/val_loss": val.get("loss", math.nan),
                                   "hparam/best_val_loss": self.best_val_loss})
-            self.log.info(f"done: {self.step} steps, best val loss {self.best_val_loss:.4f}")
+            self.log.info(f"done: {self.step} steps in {self.train_seconds:.1f} s of training, "
+                          f"best val loss {self.best_val_loss:.4f}")
         return exit_code
 
 
 # -- wiring ------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     import random
-
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
@@ -292,6 +298,30 @@ def maybe_compile(model: nn.Module, cfg: Config, device: torch.device, log: Metr
     return compiled
 
 
+def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
+    """This rank's batch plan over the training split, and the validation split."""
+    t = cfg.train
+    train_data, val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+    return BatchPlan(train_data, cfg.model.context_length, t.batch_size, t.grad_accum_steps, info.rank,
+                     info.world_size, t.seed), val_data
+
+
+def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, logger: MetricsLogger,
+                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> Trainer:
+    """The model, seeded, compiled and wrapped as configured, in its Trainer: what run_training
+    trains and scripts/benchmark.py times."""
+    t = cfg.train
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    seed_everything(t.seed)  # identical initial weights on every rank and world size
+    model = GPT(cfg.model).to(info.device)
+    model.activation_checkpointing = t.activation_checkpointing
+    seed_everything(t.seed + info.rank)  # per-rank dropout noise
+    model_for_training = maybe_compile(model, cfg, info.device, logger)
+    model_for_training = wrap(model_for_training) if wrap else model_for_training
+    return Trainer(model_for_training, cfg, info, plan, val_data, logger)
+
+
 def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> int:
     """Build everything from the config and train; returns the process exit code."""
@@ -315,21 +345,12 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
         raise decision
     resume_state = ckpt.load_checkpoint(decision) if decision else None
 
-    train_data, val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+    plan, val_data = load_data(cfg, info)
     t = cfg.train
-    plan = BatchPlan(train_data, cfg.model.context_length, t.batch_size, t.grad_accum_steps, info.rank,
-                     info.world_size, t.seed)
     logger = MetricsLogger(log_dir, info.is_main)
     try:
-        if info.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-        seed_everything(t.seed)  # identical initial weights on every rank and world size
-        model = GPT(cfg.model).to(info.device)
-        model.activation_checkpointing = t.activation_checkpointing
-        seed_everything(t.seed + info.rank)  # per-rank dropout noise
-        model_for_training = maybe_compile(model, cfg, info.device, logger)
-        model_for_training = wrap(model_for_training) if wrap else model_for_training
-        trainer = Trainer(model_for_training, cfg, info, plan, val_data, logger)
+        trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
+        model = trainer.raw
         if info.is_main:
             ckpt.remove_stale_temporaries(ckpt_dir)
             (ckpt_dir / "config.yaml").write_text(config_to_yaml(cfg))
@@ -339,7 +360,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
         logger.info(f"world size {info.world_size} | batch {t.batch_size} per process x {t.grad_accum_steps} accumulation "
                     f"x {info.world_size} = global batch {t.batch_size * t.grad_accum_steps * info.world_size} sequences, "
                     f"{trainer.tokens_per_step:,} tokens per step | {plan.steps_per_epoch} steps per epoch")
-        logger.info(f"model: {model.num_params():,} parameters | data: {len(train_data):,} train bytes, "
+        logger.info(f"model: {model.num_params():,} parameters | data: {len(plan.data):,} train bytes, "
                     f"{len(val_data):,} val bytes from {cfg.data.dir}")
         if resume_state is not None:
             trainer.resume_from(Path(decision), resume_state)

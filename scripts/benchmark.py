@@ -1,0 +1,232 @@
+"""Time the real training step and report throughput, MFU and peak memory.
+
+The model, optimizer and step are built by utils/trainer.py's build_trainer, exactly as training
+builds them, and each timed step is Trainer.train_step: forward, backward, clipping, the
+non-finite guard and the optimizer update, with its one host sync.
+
+    python scripts/benchmark.py --config configs/default_config.yaml train.batch_size=8
+    python scripts/benchmark.py --config configs/default_config.yaml train.batch_size=8 --compare --rounds 3
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 scripts/benchmark.py \\
+        --config configs/default_config.yaml --device cpu train.batch_size=4 --baseline-tokens-per-sec 7740
+
+--compare runs fp32/bf16 x eager/compiled, each in a fresh process (so peak RSS, thread pools and
+compile caches are its own), and prints the ratios; --rounds N alternates the cases N times and
+keeps each case's median round, which steadies the ratios on a machine shared with other work.
+Under torchrun the figures are per process and in total, with the scaling efficiency against
+--baseline-tokens-per-sec (a one-process run's tokens_per_sec). Output: a table, then one JSON
+line. docs/benchmarks.md explains every field and holds the measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from models.config import Config, ConfigError, load_config, run_cli  # noqa: E402
+from train_ddp import ddp_wrap  # noqa: E402
+from utils.distributed import DistInfo, cleanup, gather_object, init_distributed  # noqa: E402
+from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
+from utils.trainer import build_trainer, load_data  # noqa: E402
+
+FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
+COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, core count and native bf16 matrix support (bf16 pays only with it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+    except OSError:
+        info = {}
+    flags = info.get("flags", "").split()
+    bf16 = next((f.upper() for f in ("amx_bf16", "avx512_bf16") if f in flags), "no native bf16")
+    return f"{info.get('model name') or platform.processor() or 'cpu'} ({os.cpu_count()} cores, {bf16})"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: max allocated by tensors; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
+    """Warm up, then time `steps` optimizer steps of Trainer.train_step on this process."""
+    t = cfg.train
+    wrap = (lambda m: ddp_wrap(m, info, cfg.distributed)) if info.world_size > 1 else None
+    with tempfile.TemporaryDirectory() as log_dir:
+        logger = MetricsLogger(log_dir, info.is_main)
+        try:
+            plan, val_data = load_data(cfg, info)
+            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
+            for _ in range(warmup):
+                trainer.train_step()
+            times = []
+            for _ in range(steps):
+                synchronize(info.device)
+                t0 = time.perf_counter()
+                trainer.train_step()
+                synchronize(info.device)
+                times.append(time.perf_counter() - t0)
+        finally:
+            logger.close()
+    inner = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model
+    compiled = hasattr(inner, "_orig_mod")
+    peak, peak_source = peak_flops(info.device, t.precision)
+    step_s = statistics.median(times)
+    tokens_per_sec = trainer.tokens_per_step / info.world_size / step_s
+    mfu = model_flops_utilization(tokens_per_sec, trainer.flops_per_token, peak)
+    return {
+        "device": device_name(info.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "precision": t.precision, "compile": "on" if compiled else ("failed, eager" if t.compile else "off"),
+        "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
+        "activation_checkpointing": t.activation_checkpointing,
+        "params": trainer.raw.num_params(), "batch_size": t.batch_size, "context_length": cfg.model.context_length,
+        "tokens_per_step": trainer.tokens_per_step // info.world_size, "steps": steps, "warmup": warmup,
+        "ms_per_step": round(step_s * 1e3, 2), "ms_per_step_mean": round(statistics.fmean(times) * 1e3, 2),
+        "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": trainer.flops_per_token,
+        "flops_basis": FLOPS_BASIS, "peak_flops": peak, "peak_source": peak_source,
+        "mfu": mfu, "peak_memory_mib": round(peak_memory_mib(info.device), 1),
+        "loadavg_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
+
+
+def print_row_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [columns] + [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for i, row in enumerate(cells):
+        print(" | ".join(v.rjust(w) for v, w in zip(row, widths)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def print_result(result: dict) -> None:
+    shown = {**result, "mfu": "n/a" if result["mfu"] is None else f"{result['mfu']:.2%}"}
+    if result.get("peak_flops"):
+        shown["peak_flops"] = f"{result['peak_flops'] / 1e12:.2f} TFLOP/s"
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        print(f"{key.ljust(width)}  {fmt(value)}")
+
+
+def single(cfg: Config, args: argparse.Namespace) -> int:
+    info = init_distributed(cfg.distributed, args.device)
+    try:
+        result = measure(cfg, info, args.steps, args.warmup)
+        results = gather_object(result, info)
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
+    if info.world_size > 1:
+        per_process = statistics.fmean(r["tokens_per_sec"] for r in results)
+        baseline = args.baseline_tokens_per_sec
+        mfus = [r["mfu"] for r in results]
+        result = {**result, "world_size": info.world_size, "tokens_per_sec": round(per_process, 1),
+                  "total_tokens_per_sec": round(per_process * info.world_size, 1),
+                  "ms_per_step": round(statistics.fmean(r["ms_per_step"] for r in results), 2),
+                  "mfu": None if None in mfus else statistics.fmean(mfus),
+                  "peak_memory_mib": max(r["peak_memory_mib"] for r in results),
+                  "baseline_tokens_per_sec": baseline,
+                  # GPUs: each process adds a device, so 1.0 is perfect; CPU processes share the cores
+                  "scaling_efficiency": round(per_process / baseline, 4) if baseline else None,
+                  "total_vs_baseline": round(per_process * info.world_size / baseline, 4) if baseline else None}
+    print_result(result)
+    print(json.dumps(result))
+    return 0
+
+
+def compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Each (precision, compile) case in a fresh process, the cases alternating for --rounds rounds so
+    a change in background load hits all of them; per case the round with the median time is kept."""
+    runs: dict[tuple[str, bool], list[dict]] = {case: [] for case in COMPARE}
+    for round_ in range(args.rounds):
+        for precision, compiled in COMPARE:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), *(["--config", args.config] if args.config else []),
+                   *(["--device", args.device] if args.device else []),
+                   *overrides, f"train.precision={precision}", f"train.compile={str(compiled).lower()}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                return proc.returncode
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[(precision, compiled)].append(row)
+            print(f"round {round_ + 1}/{args.rounds}: {precision}, compile {row['compile']}: "
+                  f"{row['ms_per_step']} ms/step", flush=True)
+    rows = [sorted(case_runs, key=lambda r: r["ms_per_step"])[(len(case_runs) - 1) // 2] for case_runs in runs.values()]
+    for row in rows:
+        row["speedup"] = round(row["tokens_per_sec"] / rows[0]["tokens_per_sec"], 3)
+        row["mfu_pct"] = None if row["mfu"] is None else round(100 * row["mfu"], 2)
+    print(f"{rows[0]['device']} | torch {rows[0]['torch']} | {rows[0]['threads']} threads | "
+          f"{rows[0]['params']:,} parameters | {rows[0]['tokens_per_step']:,} tokens per step | "
+          f"median of {args.steps} steps after {args.warmup} warm-up, median of {args.rounds} rounds | "
+          f"MFU: {FLOPS_BASIS}")
+    print_row_table(rows, ["precision", "compile", "ms_per_step", "tokens_per_sec", "mfu_pct", "peak_memory_mib",
+                           "speedup"])
+    print(json.dumps({"reference": "fp32, eager", "rounds": args.rounds, "cases": rows}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the training step.",
+                                     epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3)")
+    parser.add_argument("--compare", action="store_true", help="fp32/bf16 x eager/compiled side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="--compare: alternate the cases this many times")
+    parser.add_argument("--baseline-tokens-per-sec", type=float, default=None,
+                        help="one process's tokens/s, for the scaling efficiency under torchrun")
+    args, overrides = parser.parse_known_args(argv)
+    for item in overrides:
+        if item.startswith("-"):
+            parser.error(f"unrecognized argument: {item}")
+
+    def body() -> int:
+        if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+            raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
+        cfg = load_config(args.config, overrides)
+        if args.compare:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--compare starts its own processes; run it without torchrun")
+            return compare(args, overrides)
+        return single(cfg, args)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
