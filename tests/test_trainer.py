@@ -6,25 +6,19 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from data.dataset import BatchPlan, load_split
 from models.config import load_config
-from models.transformer import GPT
 from utils.distributed import DistInfo
 from utils.metrics import MetricsLogger
 from utils.optim import lr_at, newton_schulz
-from utils.trainer import Trainer, TrainingDiverged, seed_everything
+from utils.trainer import Trainer, TrainingDiverged, build_trainer, load_data
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
 
 def make_trainer(data_dir, tmp_path, **overrides) -> Trainer:
     cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
-    t = cfg.train
-    plan = BatchPlan(load_split(cfg.data.dir, "train"), cfg.model.context_length, t.batch_size,
-                     t.grad_accum_steps, 0, 1, t.seed)
-    seed_everything(t.seed)
-    return Trainer(GPT(cfg.model), cfg, CPU, plan, load_split(cfg.data.dir, "val"),
-                   MetricsLogger(tmp_path, is_main=False))
+    plan, val_data = load_data(cfg, CPU)
+    return build_trainer(cfg, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])

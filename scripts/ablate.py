@@ -1,0 +1,86 @@
+"""Compare config variants at a fixed wall-clock training budget, several seeds each.
+
+    python scripts/ablate.py --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 \\
+        --variant base --variant "rope:model.pos_emb=rope" --variant "muon:train.optimizer=muon"
+
+Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
+schedule is then planned for exactly that many), then trained once per seed; the final validation
+loss is a full deterministic pass over the split. Prints a markdown table and writes JSON rows.
+Budgets count training steps only (the "s of training" the trainer logs), not startup or evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+ROOT = Path(__file__).resolve().parents[1]
+DONE = re.compile(r"done: (\d+) steps in ([\d.]+) s of training")
+VAL = re.compile(r"step (\d+): val loss ([\d.]+), .* after ([\d.]+) s of training")
+
+
+def train(config: str, overrides: list[str], workdir: Path) -> str:
+    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
+           f"paths.checkpoint_dir={workdir / 'ckpt'}", f"paths.log_dir={workdir / 'logs'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = train(config, [*overrides, f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
+                             "train.sample_tokens=0", "train.eval_max_bytes=1000"], Path(tmp))
+    n, secs = DONE.search(out).groups()
+    return float(secs) / int(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--budget", type=float, required=True, help="seconds of training per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--variant", action="append", required=True,
+                   help="'name' or 'name:key=value key=value' (overrides on top of --config)")
+    p.add_argument("--calibration-steps", type=int, default=60)
+    p.add_argument("--json", default=None, help="append one JSON line per run here")
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.variant:
+        name, _, rest = spec.partition(":")
+        overrides = rest.split()
+        sps = seconds_per_step(args.config, overrides, args.calibration_steps)
+        steps = max(1, int(args.budget / sps))
+        losses, times = [], []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps}",
+                                          f"train.eval_every={steps}", "train.save_every=0"], Path(tmp))
+            *_, (step, loss, secs) = VAL.findall(out)
+            losses.append(float(loss))
+            times.append(float(secs))
+            run = {"variant": name, "overrides": overrides, "seed": seed, "steps": steps, "val_loss": float(loss),
+                   "train_seconds": float(secs), "budget": args.budget, "config": args.config}
+            print(json.dumps(run), file=sys.stderr)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(run) + "\n")
+        rows.append((name, " ".join(overrides) or "-", steps, mean(times), losses))
+    print(f"| variant | overrides | steps | train s | " + " | ".join(f"val (seed {s})" for s in args.seeds)
+          + " | mean val |")
+    print("|---" * (5 + len(args.seeds)) + "|")
+    for name, ov, steps, secs, losses in rows:
+        print(f"| {name} | `{ov}` | {steps} | {secs:.1f} | " + " | ".join(f"{l:.4f}" for l in losses)
+              + f" | **{mean(losses):.4f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
