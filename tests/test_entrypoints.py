@@ -89,3 +89,12 @@ def test_tensorboard_command_serves_the_run(pipeline):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_seed_default_config_trains(tiny_data, tmp_path):
+    """configs/default_config.yaml (the seed's model, bf16) runs a real step end to end on CPU."""
+    proc = run_script("train_single.py", "--config", "configs/default_config.yaml", f"data.dir={tiny_data}",
+                      "train.max_steps=1", "train.batch_size=2", "train.sample_tokens=20",
+                      f"paths.checkpoint_dir={tmp_path / 'ckpt'}", f"paths.log_dir={tmp_path / 'logs'}", check=True)
+    assert "model: 4,935,680 parameters" in proc.stdout and "done: 1 steps" in proc.stdout
+    assert (tmp_path / "ckpt/best_model.pt").is_file()

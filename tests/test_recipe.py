@@ -41,3 +41,20 @@ def test_options_round_trip_through_inference_and_export(name, tiny_data, tmp_pa
         assert code == 2 and err.startswith("error: ") and "relu2" in err and not (tmp_path / "hf").exists()
     else:
         assert code == 0 and (tmp_path / "hf/model.safetensors").is_file()
+
+
+def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
+    """scripts/ablate.py times each variant, trains it per seed within the budget, and tabulates val losses."""
+    import json
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("\n".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}" for k, v in
+                                (o.split("=", 1) for o in tiny_overrides(tiny_data, tmp_path))) + "\n")
+    proc = run_script("scripts/ablate.py", "--config", config, "--budget", "1", "--seeds", "1", "2",
+                      "--calibration-steps", "5", "--json", tmp_path / "runs.jsonl",
+                      "--variant", "base", "--variant", "rope:model.pos_emb=rope", check=True)
+    table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
+    assert table[0].startswith("| variant |") and [l.split(" | ")[0] for l in table[1:]] == ["| base", "| rope"]
+    runs = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("base", 2), ("rope", 1), ("rope", 2)]
+    assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
