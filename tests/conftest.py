@@ -72,6 +72,18 @@ def run_torchrun(nproc: int, *args: str | Path, timeout: float = 300, max_restar
     return proc
 
 
+def tb_runs(log_dir: Path) -> list:
+    """Every TensorBoard run under log_dir/tensorboard, loaded whole with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = []
+    for run in sorted((Path(log_dir) / "tensorboard").iterdir()):
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        runs.append(acc)
+    return runs
+
+
 def load_weights(path: Path) -> dict:
     import torch
 

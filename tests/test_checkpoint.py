@@ -6,20 +6,13 @@ import signal
 import pytest
 import torch
 
-from conftest import ROOT, load_weights, run_script, run_torchrun, tiny_overrides
+from conftest import ROOT, load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
 from utils import checkpoint as ckpt
 
 
 def tb_losses(log_dir) -> dict[int, float]:
     """train/loss by step, read back with TensorBoard's own reader over every run in log_dir."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for run in sorted((log_dir / "tensorboard").iterdir()):
-        acc = EventAccumulator(str(run))
-        acc.Reload()
-        losses.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return losses
+    return {e.step: e.value for acc in tb_runs(log_dir) for e in acc.Scalars("train/loss")}
 
 
 def assert_same_run(a, b, step: int) -> None:

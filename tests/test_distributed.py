@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun,
+from conftest import (ROOT, TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs,
                       tiny_overrides, torchrun_cmd)
 from data.dataset import BatchPlan, load_split
 from utils.distributed import env_ranks, slurm_master_addr
@@ -47,11 +47,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def tb_scalars(run: Path, tag: str) -> dict[int, float]:
     """A scalar by step, read back with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events,) = (run / "logs/tensorboard").iterdir()
-    acc = EventAccumulator(str(events))
-    acc.Reload()
+    (acc,) = tb_runs(run / "logs")
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_TEXT, child_env, run_script, tiny_overrides
+from conftest import ROOT, TINY_TEXT, child_env, run_script, tb_runs, tiny_overrides
 
 SCALARS = {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"}
 
@@ -51,12 +51,8 @@ def test_inference_samples_from_the_checkpoint(pipeline):
 
 def test_tensorboard_event_files_hold_the_scalars(pipeline):
     """TensorBoard's own reader finds every training scalar in logs/tensorboard/."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run, _ = pipeline
-    (events_dir,) = (run / "logs" / "tensorboard").iterdir()
-    acc = EventAccumulator(str(events_dir))
-    acc.Reload()
+    (acc,) = tb_runs(run / "logs")
     assert SCALARS <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("val/loss")] == [20, 40]
     losses = [e.value for e in acc.Scalars("train/loss")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset, run_script, run_torchrun, tiny_overrides
+from conftest import make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
 from models.config import ModelConfig
 from models.transformer import GPT
 from utils.distributed import DistInfo
@@ -56,11 +56,7 @@ def test_evaluate_leaves_training_mode_as_it_was():
 
 
 def scalar_events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = (log_dir / "tensorboard").iterdir()
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
+    (acc,) = tb_runs(log_dir)
     return acc
 
 

@@ -238,9 +238,8 @@ class Trainer:
                 break
         bar.close()
         if self.step == t.max_steps:
-            hp = {k: v for k, v in {**{f"model.{k}": v for k, v in vars(self.cfg.model).items()},
-                                    **{f"train.{k}": v for k, v in vars(t).items()}}.items()
-                  if isinstance(v, (int, float, str, bool))}
+            hp = {f"{name}.{k}": v for name, section in (("model", self.cfg.model), ("train", t))
+                  for k, v in vars(section).items()}
             self.log.hparams(hp, {"hparam/val_loss": val.get("loss", math.nan),
                                   "hparam/best_val_loss": self.best_val_loss})
             self.log.info(f"done: {self.step} steps in {self.train_seconds:.1f} s of training, "
