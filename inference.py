@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -22,24 +23,11 @@ from pathlib import Path
 
 import torch
 
-from models.config import UserError, config_from_dict, run_cli
 from models.transformer import GPT
-from utils.checkpoint import CONFIG, MODEL, load_checkpoint, load_model_weights
+from utils.checkpoint import load_model
 from utils.distributed import resolve_device
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build_model(state: dict, source: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
-    """The model a loaded checkpoint describes, holding its weights, in eval mode."""
-    model = GPT(config_from_dict(state[CONFIG]).model)
-    load_model_weights(model, state[MODEL], str(source))
-    return model.to(device=device, dtype=DTYPES[precision]).eval()
-
-
-def load_model(path: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
-    return build_model(load_checkpoint(path), path, device, precision)
-
+from utils.errors import ArgumentParser, UserError, run_cli
+from utils.precision import DTYPES
 
 class TextStream:
     """One sample's bytes in, printable text out, ending just before the first stop string.
@@ -110,7 +98,7 @@ def escaped(s: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample from a trained byte-level GPT.")
+    p = ArgumentParser(description="Sample from a trained byte-level GPT.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     p.add_argument("--prompt", default=None, help="text to continue; '-' reads stdin")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -125,11 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    if args.temperature < 0 or args.max_new_tokens < 0 or args.num_samples < 1:
-        raise UserError("--temperature and --max-new-tokens must be >= 0 and --num-samples >= 1")
+    if not (0 <= args.temperature < math.inf) or args.max_new_tokens < 0 or args.num_samples < 1:
+        raise UserError(f"--temperature must be a finite number >= 0 (got {args.temperature}), --max-new-tokens "
+                        f">= 0 and --num-samples >= 1")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses NaN
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
     args.stop = [escaped(s) for s in args.stop]
     if "" in args.stop:

@@ -14,9 +14,11 @@ import sys
 
 import torch.nn as nn
 
-from models.config import DistributedConfig, parse_cli, run_cli
+from models.config import DistributedConfig
+from models.config_loader import parse_cli
 from utils.distributed import DistInfo, cleanup, init_distributed
-from utils.trainer import run_training
+from utils.errors import run_cli
+from utils.run import run_name, run_training
 
 
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
         info = init_distributed(cfg.distributed, args.device)
         try:
-            return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed))
+            return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed),
+                                run_name=run_name(args.config))
         finally:
             cleanup()
 

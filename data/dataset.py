@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.config import UserError
+from utils.errors import UserError
 
 
 class DataError(UserError):

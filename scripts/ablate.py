@@ -1,7 +1,7 @@
 """Compare config variants at a fixed wall-clock training budget, several seeds each.
 
     python scripts/ablate.py --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 \\
-        --variant base --variant "rope:model.pos_emb=rope" --variant "muon:train.optimizer=muon"
+        --variant base --variant "rope:model.pos_emb=rope" --variant "muon:optim.name=muon"
 
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
 schedule is then planned for exactly that many), then trained once per seed; the final validation
@@ -27,7 +27,7 @@ VAL = re.compile(r"step (\d+): val loss ([\d.]+), .* after ([\d.]+) s of trainin
 
 def train(config: str, overrides: list[str], workdir: Path) -> str:
     cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
-           f"paths.checkpoint_dir={workdir / 'ckpt'}", f"paths.log_dir={workdir / 'logs'}"]
+           f"checkpoint.dir={workdir / 'ckpt'}", f"logging.dir={workdir / 'logs'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -36,8 +36,8 @@ def train(config: str, overrides: list[str], workdir: Path) -> str:
 
 def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        out = train(config, [*overrides, f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
-                             "train.sample_tokens=0", "train.eval_max_bytes=1000"], Path(tmp))
+        out = train(config, [*overrides, f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0",
+                             "eval.sample_tokens=0", "eval.max_bytes=1000"], Path(tmp))
     n, secs = DONE.search(out).groups()
     return float(secs) / int(n)
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 out = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps}",
-                                          f"train.eval_every={steps}", "train.save_every=0"], Path(tmp))
+                                          f"eval.every={steps}", "checkpoint.every=0"], Path(tmp))
             *_, (step, loss, secs) = VAL.findall(out)
             losses.append(float(loss))
             times.append(float(secs))

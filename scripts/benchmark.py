@@ -36,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models.config import Config, ConfigError, load_config, run_cli  # noqa: E402
+from models.config import Config, ConfigError  # noqa: E402
+from models.config_loader import load_config  # noqa: E402
+from utils.errors import ArgumentParser, run_cli  # noqa: E402
 from train_ddp import ddp_wrap  # noqa: E402
 from utils.distributed import DistInfo, cleanup, gather_object, init_distributed  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
-from utils.trainer import build_trainer, load_data  # noqa: E402
+from utils.run import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
@@ -200,7 +202,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the training step.",
+    parser = ArgumentParser(description="Benchmark the training step.",
                                      epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

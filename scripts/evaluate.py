@@ -21,16 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from data.dataset import load_split  # noqa: E402
-from inference import build_model  # noqa: E402
-from models.config import DistributedConfig, UserError, run_cli  # noqa: E402
-from utils.checkpoint import CONFIG, load_checkpoint  # noqa: E402
+from models.config import DistributedConfig  # noqa: E402
+from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from utils.checkpoint import CONFIG, build_model, load_checkpoint  # noqa: E402
 from utils.distributed import cleanup, init_distributed  # noqa: E402
 from utils.metrics import evaluate  # noqa: E402
-from utils.trainer import autocast_context  # noqa: E402
+from utils.precision import autocast_context  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint: loss, perplexity, bits per byte.")
+    p = ArgumentParser(description="Evaluate a checkpoint: loss, perplexity, bits per byte.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--split", choices=["train", "val"], default="val", help="a split of the prepared dataset")

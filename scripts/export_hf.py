@@ -25,7 +25,6 @@ and none of the exports slides the window as inference.py does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from inference import load_model  # noqa: E402
-from models.config import ModelConfig, UserError, run_cli  # noqa: E402
+from utils.checkpoint import load_model  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from models.transformer import GPT  # noqa: E402
 
 SUPPORTED = ("pos_emb=learned + norm=layernorm + activation=gelu (GPT-2), "
@@ -211,7 +211,7 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
+    p = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     p.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     args = p.parse_args(argv)

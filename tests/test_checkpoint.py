@@ -23,7 +23,7 @@ def assert_same_run(a, b, step: int) -> None:
 
 
 # dropout on, so resuming must also restore every RNG to match
-RESUME = dict(train__max_steps=8, train__save_every=4, train__eval_every=4, model__dropout=0.1)
+RESUME = dict(train__max_steps=8, checkpoint__every=4, eval__every=4, model__dropout=0.1)
 
 
 def test_resume_is_bit_exact_single_process(tiny_data, tmp_path):
@@ -96,8 +96,8 @@ def test_atomic_save_failure_leaves_old_file(tmp_path):
 def test_keep_last_k_and_links(tiny_data, tmp_path):
     """Only the last keep_last step files stay, besides best_model.pt and last_checkpoint.pt."""
     run = tmp_path / "run"
-    run_script("train_single.py", *tiny_overrides(tiny_data, run, train__max_steps=10, train__save_every=2,
-                                                  train__keep_last=2), check=True)
+    run_script("train_single.py", *tiny_overrides(tiny_data, run, train__max_steps=10, checkpoint__every=2,
+                                                  checkpoint__keep_last=2), check=True)
     names = sorted(p.name for p in (run / "ckpt").iterdir())
     assert names == ["best_model.pt", "config.yaml", "last_checkpoint.pt", "step_0000008.pt", "step_0000010.pt"]
     last = ckpt.load_checkpoint(run / "ckpt/last_checkpoint.pt")

@@ -38,8 +38,8 @@ def test_malformed_config_file(capsys, tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("train.batch_size=abc", "train.batch_size must be int"),
     ("model.n_heads=3", "must divide model.dim"),
-    ("train.lr=-0.1", "train.lr must be positive"),
-    ("trian.lr=0.1", "did you mean 'train.lr'"),
+    ("optim.lr=-0.1", "optim.lr must be positive"),
+    ("trian.lr=0.1", "did you mean 'optim.lr'"),
 ])
 def test_wrong_type_or_impossible_value(capsys, tiny_data, tmp_path, override, fragment):
     """Type and range errors are caught before anything runs."""
@@ -104,7 +104,7 @@ def test_existing_run_is_never_overwritten(capsys, trained):
     """Starting a new run where checkpoints exist refuses, and the files are untouched."""
     data, run = trained
     before = {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
-    fails_with(capsys, train_single.main, tiny_overrides(data, run), "already holds checkpoints", "--resume auto")
+    fails_with(capsys, train_single.main, tiny_overrides(data, run), "already holds a run", "--resume auto")
     assert before == {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
 
 
@@ -130,7 +130,7 @@ def test_output_folder_not_writable(capsys, tiny_data, tmp_path):
     """A checkpoint or log folder that cannot be created or written is named with the key to change."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"paths.checkpoint_dir={blocker}/c"],
-               "checkpoint folder", "not writable", "paths.checkpoint_dir")
-    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"paths.log_dir={blocker}/l"],
-               "log folder", "not writable", "paths.log_dir")
+    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"checkpoint.dir={blocker}/c"],
+               "cannot be written", "checkpoint.dir")
+    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path) + [f"logging.dir={blocker}/l"],
+               "cannot be written", "logging.dir")

@@ -22,8 +22,8 @@ def pipeline(tmp_path_factory):
     (tmp / "corpus.txt").write_text(TINY_TEXT)
     run_script("data/prepare_dataset.py", "--input", tmp / "corpus.txt", "--out", tmp / "data", check=True)
     proc = run_script("train_single.py", "--config", "configs/cpu_quickstart.yaml",
-                      *tiny_overrides(tmp / "data", tmp / "run", train__max_steps=40, train__eval_every=20,
-                                      train__lr=3e-3, train__log_every=10), check=True)
+                      *tiny_overrides(tmp / "data", tmp / "run", train__max_steps=40, eval__every=20,
+                                      optim__lr=3e-3, train__log_every=10), check=True)
     return tmp / "run", proc.stdout
 
 
@@ -90,7 +90,7 @@ def test_tensorboard_command_serves_the_run(pipeline):
 def test_the_seed_default_config_trains(tiny_data, tmp_path):
     """configs/default_config.yaml (the seed's model, bf16) runs a real step end to end on CPU."""
     proc = run_script("train_single.py", "--config", "configs/default_config.yaml", f"data.dir={tiny_data}",
-                      "train.max_steps=1", "train.batch_size=2", "train.sample_tokens=20",
-                      f"paths.checkpoint_dir={tmp_path / 'ckpt'}", f"paths.log_dir={tmp_path / 'logs'}", check=True)
+                      "train.max_steps=1", "train.batch_size=2", "eval.sample_tokens=20",
+                      f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.dir={tmp_path / 'logs'}", check=True)
     assert "model: 4,935,680 parameters" in proc.stdout and "done: 1 steps" in proc.stdout
     assert (tmp_path / "ckpt/best_model.pt").is_file()

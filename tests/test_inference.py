@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import make_dataset, run_script, run_torchrun, tiny_overrides
-from inference import TextStream, escaped, generate_text, load_model
+from inference import TextStream, escaped, generate_text
+from utils.checkpoint import load_model
 from models.config import ModelConfig
 from models.transformer import GPT, filter_logits, sample_next
 
@@ -183,8 +184,8 @@ def test_compiled_run_checkpoint_loads(tmp_path, tiny_data):
     """train.compile=true (inductor on CPU) saves plain keys that inference.py loads."""
     proc = run_script("train_single.py", "--device", "cpu",
                       *tiny_overrides(tiny_data, tmp_path / "run", model__n_layers=1, train__compile="true",
-                                      train__max_steps=2, train__eval_every=0, train__save_every=0,
-                                      train__sample_tokens=0), check=True)
+                                      train__max_steps=2, eval__every=0, checkpoint__every=0,
+                                      eval__sample_tokens=0), check=True)
     assert "torch.compile failed" not in proc.stdout + proc.stderr  # it really trained compiled
     checkpoint = tmp_path / "run/ckpt/best_model.pt"
     assert_clean_keys(checkpoint)

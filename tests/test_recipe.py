@@ -25,8 +25,8 @@ def test_options_round_trip_through_inference_and_export(name, tiny_data, tmp_pa
     """The checkpoint records every option; inference.py rebuilds the same model; export maps it or refuses."""
     options = ARCHITECTURES[name]
     run = tmp_path / "run"
-    run_script("train_single.py", *tiny_overrides(tiny_data, run, train__max_steps=2, train__sample_tokens=0,
-                                                  train__optimizer="muon", **options), check=True)
+    run_script("train_single.py", *tiny_overrides(tiny_data, run, train__max_steps=2, eval__sample_tokens=0,
+                                                  optim__name="muon", **options), check=True)
     saved = load_checkpoint(run / "ckpt/best_model.pt")[CONFIG]["model"]
     for key, value in options.items():
         assert str(saved[key.split("__")[1]]).lower() == str(value).lower()

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from models.config import load_config
+from models.config_loader import load_config
 from utils.distributed import DistInfo
 from utils.metrics import MetricsLogger
 from utils.optim import lr_at, newton_schulz
-from utils.trainer import Trainer, TrainingDiverged, build_trainer, load_data
+from utils.run import build_trainer, load_data
+from utils.trainer import Trainer, TrainingDiverged
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
@@ -24,16 +25,17 @@ def make_trainer(data_dir, tmp_path, **overrides) -> Trainer:
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_lr_schedule_matches_formula(schedule):
     """Linear warmup to lr, then cosine (or constant + linear cooldown) down to min_lr."""
-    cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110",
-                             f"train.schedule={schedule}", "train.cooldown_frac=0.5"]).train
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    cfg = load_config(None, ["optim.lr=1.0", "schedule.min_lr=0.1", "schedule.warmup_steps=10", "train.max_steps=110",
+                             f"schedule.name={schedule}", "schedule.cooldown_frac=0.5"])
+    lr = lambda step: lr_at(step, cfg.schedule, cfg.optim.lr, cfg.train.max_steps)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     if schedule == "cosine":
         for s in (10, 35, 60, 85, 110):
-            assert lr_at(s, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 100)))
+            assert lr(s) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 100)))
     else:
-        assert lr_at(30, cfg) == lr_at(54, cfg) == pytest.approx(1.0)  # stable until step 55
+        assert lr(30) == lr(54) == pytest.approx(1.0)  # stable until step 55
         for s in (55, 80, 110):
-            assert lr_at(s, cfg) == pytest.approx(1.0 - 0.9 * (s - 55) / 55)
+            assert lr(s) == pytest.approx(1.0 - 0.9 * (s - 55) / 55)
 
 
 def test_accumulation_equals_one_large_batch(tiny_data, tmp_path):
@@ -52,7 +54,7 @@ def test_accumulation_equals_one_large_batch(tiny_data, tmp_path):
 def test_tiny_model_overfits_tiny_corpus(tiny_data, tmp_path, precision):
     """The loss falls clearly within 60 steps, in fp32 and in bf16 autocast."""
     trainer = make_trainer(tiny_data, tmp_path, train__precision=precision, train__max_steps=60,
-                           train__lr=3e-3, train__warmup_steps=5)
+                           optim__lr=3e-3, schedule__warmup_steps=5)
     losses = [trainer.train_step()[0] for _ in range(60)]
     assert losses[0] > 5.0 and sum(losses[-5:]) / 5 < 2.8, losses[::10]
 
@@ -75,7 +77,7 @@ def test_repeated_non_finite_steps_stop_the_run(tiny_data, tmp_path):
     trainer = make_trainer(tiny_data, tmp_path, train__max_nonfinite_steps=2)
     trainer.raw.blocks[0].mlp.fc.weight.register_hook(lambda g: g * float("inf"))
     trainer.train_step()
-    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row.*Lower train.lr"):
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row.*Lower optim.lr"):
         trainer.train_step()
 
 
@@ -83,7 +85,7 @@ OPTIONS = [
     {"model__pos_emb": "rope"}, {"model__norm": "rmsnorm"}, {"model__qk_norm": "true"},
     {"model__activation": "relu2"}, {"model__activation": "swiglu"}, {"model__zero_init_proj": "true"},
     {"model__tie_embeddings": "false"}, {"model__bias": "false"}, {"model__dropout": 0.1},
-    {"train__optimizer": "muon", "train__muon_lr": 0.02}, {"train__schedule": "wsd"},
+    {"optim__name": "muon", "optim__muon_lr": 0.02}, {"schedule__name": "wsd"},
     {"train__activation_checkpointing": "true"},
 ]
 
@@ -91,7 +93,7 @@ OPTIONS = [
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_option_trains(tiny_data, tmp_path, options):
     """Each model and optimizer option trains a tiny model with falling loss."""
-    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=30, train__lr=3e-3, **options)
+    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=30, optim__lr=3e-3, **options)
     losses = [trainer.train_step()[0] for _ in range(30)]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses[::5]
 

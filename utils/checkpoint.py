@@ -1,9 +1,15 @@
-"""Checkpoint files: atomic saves, validated loads, auto-resume, keep-last-K, RNG capture.
+"""Checkpoints: the file format (atomic saves, validated loads, RNG capture) and the `Checkpointer`,
+the one owner of the checkpoint folder.
 
-Layout of <checkpoint_dir>: step_NNNNNNN.pt (the last keep_last kept), last_checkpoint.pt (a
-hard link to the newest step file), best_model.pt (lowest validation loss so far), config.yaml.
-A file is replaced only by os.replace of a complete, fsynced temporary, so a crash or a full disk
-during a save leaves every earlier file as it was.
+Layout of the folder (checkpoint.dir):
+    step_NNNNNNN.pt     every checkpoint.every steps and at the end; the newest keep_last are kept
+    last_checkpoint.pt  a hard link to the newest step file
+    best_model.pt       the lowest validation loss so far
+    config.yaml         the resolved config of the run
+A file is only ever replaced by os.replace of a complete, fsynced temporary, so a crash, a kill or
+a full disk during a save leaves every earlier file as it was. Pruning removes only step files
+older than the one just written and verified, so a stray or corrupt file can never cost the
+newest loadable checkpoint. Nothing is written before the run is accepted (`accept`).
 """
 
 from __future__ import annotations
@@ -11,32 +17,35 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from models.config import UserError
+from models.config_loader import config_from_dict
+from models.transformer import GPT
+from utils.distributed import DistInfo, broadcast_object
+from utils.errors import UserError
+from utils.precision import DTYPES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # stable top-level keys of a checkpoint
 MODEL, OPTIMIZER, SCHEDULER, SCALER, TRAINER, RNG, CONFIG, FORMAT = (
     "model", "optimizer", "scheduler", "scaler", "trainer", "rng", "config", "format_version")
 REQUIRED = (MODEL, CONFIG, FORMAT)
 STEP_FILE = re.compile(r"step_(\d{7,})\.pt")
+LAST, BEST, CONFIG_FILE = "last_checkpoint.pt", "best_model.pt", "config.yaml"
 
 
 class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable or does not fit the model."""
+    """A checkpoint is missing, unreadable, does not fit the model, or could not be written."""
 
 
-def step_path(checkpoint_dir: str | Path, step: int) -> Path:
-    return Path(checkpoint_dir) / f"step_{step:07d}.pt"
-
-
+# -- files ---------------------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -45,74 +54,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write state to path atomically: temporary file, flush, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _default_mode() -> int:
+    """0666 less the umask: what open() would give (mkstemp alone gives 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_failure(path: Path, e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # torch.save reports a failed write as RuntimeError ("file write failed"): find out why
     try:
+        if shutil.disk_usage(path.parent).free < 1 << 20:
+            return "no space left on device"
+    except OSError:
+        pass
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file atomically: temporary in the same folder, flush, fsync, rename.
+
+    Any failure leaves the previous file (if any) untouched and raises CheckpointError.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"could not write {path}: {_write_failure(path, e)}; every file already in "
+                              f"{path.parent} is intact. Free space or fix the folder, then continue with "
+                              f"--resume auto") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def link_latest(src: Path, link: Path) -> None:
-    """Point `link` at src atomically (hard link, or a copy where links are unsupported)."""
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, link)
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """Load and validate a checkpoint onto the CPU (callers copy tensors to their own device)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a save that was cut short, or a failed copy")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, wrong file type...
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0][:120]}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, pickle garbage, wrong file type, unreadable...
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no {'/'.join(REQUIRED)} entries)")
     if state[FORMAT] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {state[FORMAT]}, this code reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format {state[FORMAT]}, this code reads {FORMAT_VERSION}; "
+                              f"use the version of this repository that wrote it")
     return state
-
-
-def latest_valid(checkpoint_dir: str | Path, warn=print) -> tuple[Path, dict] | None:
-    """The newest step checkpoint that loads and validates; broken ones are reported and skipped."""
-    d = Path(checkpoint_dir)
-    candidates = sorted((p for p in d.glob("step_*.pt") if STEP_FILE.fullmatch(p.name)), reverse=True) \
-        if d.is_dir() else []
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            warn(f"warning: skipping {e}")
-    return None
-
-
-def prune(checkpoint_dir: str | Path, keep_last: int) -> None:
-    steps = sorted(p for p in Path(checkpoint_dir).glob("step_*.pt") if STEP_FILE.fullmatch(p.name))
-    for old in steps[:-keep_last]:
-        old.unlink()
-
-
-def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:
-    """Temporaries left by a process killed mid-save; never a complete checkpoint."""
-    for tmp in Path(checkpoint_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -128,6 +135,155 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], sourc
     model.load_state_dict(weights)
 
 
+def build_model(state: dict, source: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
+    """The model a loaded checkpoint describes, holding its weights, in eval mode."""
+    model = GPT(config_from_dict(state[CONFIG]).model)
+    load_model_weights(model, state[MODEL], str(source))
+    return model.to(device=device, dtype=DTYPES[precision]).eval()
+
+
+def load_model(path: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
+    """Any checkpoint written by training (single process, DDP or compiled), ready for inference."""
+    return build_model(load_checkpoint(path), path, device, precision)
+
+
+# -- the folder ----------------------------------------------------------------------------------
+class Checkpointer:
+    """Owns one checkpoint folder: decides fresh start, resume or refusal, saves, and prunes.
+
+    Collective methods (`save`, `save_best`) are called by every rank; rank 0 writes and a write
+    failure is raised on every rank, so no rank waits for a file that will never come.
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int, info: DistInfo) -> None:
+        self.dir, self.keep_last, self.info = Path(directory), keep_last, info
+
+    def step_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of every step_NNNNNNN.pt, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = ((STEP_FILE.fullmatch(p.name), p) for p in self.dir.iterdir())
+        return sorted((int(m.group(1)), p) for m, p in found if m)
+
+    def run_files(self) -> list[Path]:
+        """Every file of the layout present: any of them means a run lives here."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir()
+                      if p.name in (LAST, BEST, CONFIG_FILE) or p.name.startswith("step_"))
+
+    def _refuse(self, why: str, files: list[Path]) -> CheckpointError:
+        names = ", ".join(p.name for p in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        return CheckpointError(f"{self.dir} {why} ({names}); nothing was changed")
+
+    def find_resume(self, resume: str | None, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+        """What this start continues from: None for a fresh start; raises to refuse. Rank 0 only."""
+        present = self.run_files()
+        if resume is None:
+            if present:
+                raise self._refuse("already holds a run; continue it with --resume auto, or start a new run "
+                                   "with checkpoint.dir=NEW_DIR", present)
+            return None
+        if resume == "auto":
+            found = self._newest_loadable(warn)
+            if found:
+                return found
+            leftovers = [p for p in present if p.name != CONFIG_FILE]
+            if leftovers:  # a fresh start would overwrite them
+                raise self._refuse("holds no loadable checkpoint to resume, but holds files a fresh start would "
+                                   "overwrite; move them away or use checkpoint.dir=NEW_DIR", leftovers)
+            return None
+        path = Path(resume)
+        state = load_checkpoint(path)
+        step = state.get(TRAINER, {}).get("step", 0)
+        if path.resolve().parent != self.dir.resolve():
+            if present:
+                raise self._refuse(f"holds another run, which resuming {path} there would overwrite; use "
+                                   f"checkpoint.dir=NEW_DIR", present)
+        else:
+            newer = [p for s, p in self.step_files() if s > step]
+            if newer:
+                raise self._refuse(f"holds checkpoints newer than {path.name} (step {step}) that resuming it would "
+                                   f"overwrite; use --resume auto, or copy the file to a new checkpoint.dir", newer)
+        return path, state
+
+    def _newest_loadable(self, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+        """The loadable checkpoint of the highest step: a step file, or last_checkpoint.pt when it
+        is newer than every loadable step file (its step file lost)."""
+        last = None
+        if (self.dir / LAST).is_file():
+            try:
+                last = self.dir / LAST, load_checkpoint(self.dir / LAST)
+            except CheckpointError as e:
+                warn(f"warning: skipping {e}")
+        last_step = last[1].get(TRAINER, {}).get("step", 0) if last else -1
+        for step, path in reversed(self.step_files()):
+            if step < last_step:
+                break
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:
+                warn(f"warning: skipping {e}")
+        return last
+
+    def accept(self, config_yaml: str) -> None:
+        """The run passed every check: create the folder, clear dead temporaries, record the config."""
+        if self.info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.dir.glob(".*.tmp"):  # left by a process killed mid-save; never complete
+                tmp.unlink(missing_ok=True)
+            atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
+
+    def _collective(self, write: Callable[[], Path]) -> Path:
+        error = path = None
+        if self.info.is_main:
+            try:
+                path = write()
+            except CheckpointError as e:
+                error = str(e)
+        error = broadcast_object(error, self.info)  # also the barrier: nobody leaves before the file is whole
+        if error:
+            raise CheckpointError(error)
+        return path or self.dir
+
+    def save(self, state: dict, step: int) -> Path:
+        """Collective: write step_N, verify it, point last_checkpoint.pt at it, prune older ones."""
+        return self._collective(lambda: self._save_step(state, step))
+
+    def save_best(self, state: dict) -> Path:
+        """Collective: replace best_model.pt."""
+        def write() -> Path:
+            save_checkpoint(state, self.dir / BEST)
+            return self.dir / BEST
+        return self._collective(write)
+
+    def _save_step(self, state: dict, step: int) -> Path:
+        path = self.dir / f"step_{step:07d}.pt"
+        save_checkpoint(state, path)
+        load_checkpoint(path, mmap=True)  # verified before anything older may go
+        self._link_last(path)
+        older = [p for s, p in self.step_files() if s < step]
+        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
+            old.unlink()
+        return path
+
+    def _link_last(self, src: Path) -> None:
+        """Point last_checkpoint.pt at src atomically (a hard link, or a copy where links fail)."""
+        link = self.dir / LAST
+        tmp = link.with_name(f".{LAST}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, link)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"could not update {link}: {e.strerror}; {src} itself is complete") from None
+
+
+# -- RNG -----------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from; NumPy's array is stored as a tensor for weights_only loads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

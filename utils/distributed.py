@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.config import DistributedConfig, UserError
+from models.config import DistributedConfig
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)

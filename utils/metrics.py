@@ -8,8 +8,9 @@ import math
 import os
 import re
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -133,27 +134,86 @@ def model_flops_utilization(tokens_per_sec: float, flops_per_token: float, peak:
     return tokens_per_sec * flops_per_token / peak if peak else None
 
 
+def format_seconds(seconds: float) -> str:
+    """'1:02:03' (hours, minutes, seconds); '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class ThroughputMeter:
+    """Training time and throughput: only time inside optimizer steps counts (no evaluation,
+    saving or start-up), tokens/s is over each log interval, the ETA is from this process's pace."""
+
+    def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float, peak: float | None) -> None:
+        self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self.train_seconds = 0.0  # restored on resume, so it counts the whole run
+        self.started = time.perf_counter()
+        self._steps = 0  # steps timed by this process
+        self._seconds = 0.0  # their time
+        self._interval_steps, self._interval_seconds = 0, 0.0
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self._seconds += dt
+        self._interval_seconds += dt
+        self._steps += 1
+        self._interval_steps += 1
+
+    def tokens_per_sec(self) -> float:
+        """Over the steps since the last call."""
+        rate = self._interval_steps * self.tokens_per_step / max(self._interval_seconds, 1e-9)
+        self._interval_steps, self._interval_seconds = 0, 0.0
+        return rate
+
+    def mfu(self, tokens_per_sec_per_device: float) -> float:
+        """Model FLOPs utilisation of one device; NaN when its peak is unknown."""
+        mfu = model_flops_utilization(tokens_per_sec_per_device, self.flops_per_token, self.peak)
+        return math.nan if mfu is None else mfu
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def eta(self, step: int) -> float:
+        """Seconds of training left, at this process's pace so far (evaluation not included)."""
+        return (self.total_steps - step) * self._seconds / self._steps if self._steps else math.nan
+
+
 class MetricsLogger:
     """Console + log file + TensorBoard on the main rank; every method is a no-op elsewhere."""
 
     def __init__(self, log_dir: str | Path, is_main: bool, run_name: str | None = None) -> None:
         self.is_main = is_main
         self.run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        self.file = self.tb = None
+        self.file = self.tb = self.path = self.tb_dir = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = Path(log_dir)
             log_dir.mkdir(parents=True, exist_ok=True)
+            if (log_dir / "tensorboard" / self.run_name).exists():  # two runs started in the same second
+                self.run_name += f"-{os.getpid()}"
             self.path = log_dir / f"train_{self.run_name}.log"
             self.file = open(self.path, "a", buffering=1)
-            self.tb = SummaryWriter(str(log_dir / "tensorboard" / self.run_name))
+            self.tb_dir = log_dir / "tensorboard" / self.run_name
+            self.tb = SummaryWriter(str(self.tb_dir))
 
     def info(self, msg: str) -> None:
         if self.is_main:
             from tqdm import tqdm
 
             tqdm.write(msg)
+            self.file.write(msg + "\n")
+
+    def file_only(self, msg: str) -> None:
+        """For the log file alone (the full resolved config), not the console."""
+        if self.is_main:
             self.file.write(msg + "\n")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

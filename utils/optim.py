@@ -14,21 +14,21 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.config import TrainConfig
+from models.config import OptimConfig, ScheduleConfig
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: ScheduleConfig, peak_lr: float, max_steps: int) -> float:
     """Learning rate for the optimizer step with 0-based index `step`."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "wsd":  # warmup, stable, then linear decay (Hägele et al. 2024)
-        decay_start = max(cfg.warmup_steps, int(cfg.max_steps * (1 - cfg.cooldown_frac)))
+        return peak_lr * (step + 1) / cfg.warmup_steps
+    if cfg.name == "wsd":  # warmup, stable, then linear decay (Hägele et al. 2024)
+        decay_start = max(cfg.warmup_steps, int(max_steps * (1 - cfg.cooldown_frac)))
         if step < decay_start:
-            return cfg.lr
-        progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
-        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+            return peak_lr
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return peak_lr + progress * (cfg.min_lr - peak_lr)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - cfg.min_lr)
 
 
 def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
@@ -88,11 +88,11 @@ class Muon(torch.optim.Optimizer):
                     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
-    if cfg.optimizer == "muon":
+    if cfg.name == "muon":
         hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
         groups = [
             dict(params=[p for p in matrices if id(p) in hidden], muon=True, weight_decay=0.0),
@@ -103,10 +103,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
                     adam_lr=cfg.lr)
     groups = [dict(params=matrices, weight_decay=cfg.weight_decay), dict(params=vectors, weight_decay=0.0)]
     # one fused kernel over all tensors; on CPU (torch 2.4+) it cut AdamW's time 4x (docs/benchmarks.md)
-    fused = cfg.fused_adamw and device.type in ("cuda", "cpu")
+    fused = cfg.fused and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Every group follows lr_at, scaled to its own base lr (Muon's and AdamW's differ)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, peak_lr, max_steps) / peak_lr)

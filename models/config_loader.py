@@ -1,0 +1,202 @@
+"""Loading a Config: YAML file, then `section.key=value` overrides, converted strictly to each field's
+type, built once (so validation sees the final values); plus the command line both training entry
+points share and `--print-config`.
+
+Keys that moved when `train` was split into sections still work: MOVED maps each old name to its
+new one, in files and on the command line alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.config import Config, ConfigError
+from utils.errors import ArgumentParser
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+# old key -> new key (the old `train` section held optimizer, schedule, eval and checkpoint cadence)
+MOVED = {
+    **{f"train.{k}": f"optim.{k}" for k in ("lr", "weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum")},
+    "train.optimizer": "optim.name", "train.fused_adamw": "optim.fused",
+    "train.schedule": "schedule.name", "train.warmup_steps": "schedule.warmup_steps",
+    "train.min_lr": "schedule.min_lr", "train.cooldown_frac": "schedule.cooldown_frac",
+    "train.eval_every": "eval.every", "train.eval_max_bytes": "eval.max_bytes",
+    "train.sample_prompt": "eval.sample_prompt", "train.sample_tokens": "eval.sample_tokens",
+    "train.save_every": "checkpoint.every", "train.keep_last": "checkpoint.keep_last",
+    "paths.checkpoint_dir": "checkpoint.dir", "paths.log_dir": "logging.dir",
+}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys() + list(MOVED), n=1, cutoff=0.5)
+    hint = f" (did you mean '{MOVED.get(close[0], close[0])}'?)" if close else " (list them with --print-config)"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Convert a YAML or command-line value to the field's type, strictly."""
+    bad = ConfigError(f"{key} must be {'a finite ' if typ is float else ''}{typ.__name__} (got {value!r})")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in ("true", "false", "1", "0"):
+            return str(value).lower() in ("true", "1")
+        raise bad
+    if isinstance(value, (bool, dict, list)) or value is None:
+        raise bad
+    if typ is int:
+        try:
+            return value if isinstance(value, int) else int(str(value))  # rejects "2.5"
+        except ValueError:
+            raise bad from None
+    if typ is float:
+        try:
+            number = float(value)  # PyYAML reads 1e-3 as a string; ints promote
+        except (TypeError, ValueError, OverflowError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        return number
+    if typ is str:
+        return str(value)
+    raise TypeError(f"unsupported field type {typ}")
+
+
+def _flatten(raw: Any, source: str) -> dict[str, Any]:
+    """{'section.key': value} from a nested mapping, old key names translated."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections (model, data, train, ...)")
+    flat = {}
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            if values is None:
+                continue
+            raise ConfigError(f"config section '{section}' in {source} must be a mapping of keys to values")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            flat[MOVED.get(key, key)] = value
+    return flat
+
+
+def _build(flat: dict[str, Any]) -> Config:
+    keys = set(valid_keys())
+    for key in flat:
+        if key not in keys:
+            raise _unknown(key)
+    sections = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == section}
+        sections[section] = cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+    return Config(**sections)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a validated Config from a nested dict (a YAML file, or the copy in a checkpoint)."""
+    return _build(_flatten(raw, "the config"))
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (try configs/default_config.yaml)")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from the defaults), apply `section.key=value` overrides."""
+    flat = _flatten(read_yaml(path), str(path)) if path is not None else {}
+    _build(flat)  # the file's own keys and values are checked before overrides are applied
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=50)")
+        key = MOVED.get(key, key)
+        if key not in valid_keys():
+            raise _unknown(key)
+        flat[key] = value  # a string; _coerce converts it strictly
+    return _build(flat)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal under it in the class body)."""
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: nxt.value.value for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
+def describe_config() -> str:
+    """Every key with its type, default and doc, straight from the dataclasses (--print-config)."""
+    lines = []
+    defaults = config_to_dict(Config())
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            typ = typing.get_type_hints(cls)[f.name].__name__
+            doc = f"  # {docs[f.name]}" if f.name in docs else ""
+            lines.append(f"  {f.name}: {defaults[section][f.name]!r}  ({typ}){doc}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CliArgs:
+    config: str | None
+    device: str | None
+    resume: str | None
+
+
+class _PrintConfig(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(describe_config())
+        parser.exit()
+
+
+def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs]:
+    """The command line shared by both training entry points."""
+    parser = ArgumentParser(description=description,
+                                     epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a checkpoint; 'auto' takes the newest valid one in checkpoint.dir")
+    parser.add_argument("--print-config", nargs=0, action=_PrintConfig,
+                        help="list every config key with its type, default and meaning, then exit")
+    args, overrides = parser.parse_known_args(argv)
+    for item in overrides:
+        if item.startswith("-"):
+            parser.error(f"unrecognized argument: {item}")
+    cfg = load_config(args.config, overrides)
+    return cfg, CliArgs(config=args.config, device=args.device, resume=args.resume)

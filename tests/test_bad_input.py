@@ -1,0 +1,120 @@
+"""Generated bad input never ends in a traceback: configs, overrides, files and CLI arguments either
+work or give one `error:` line and exit 2 (nothing else escapes the error boundary)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import inference
+import train_single
+from conftest import make_dataset, run_script, tiny_overrides
+from models.config import ConfigError
+from models.config_loader import MOVED, load_config, valid_keys
+
+NASTY_NUMBERS = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True, allow_infinity=True),
+                          st.sampled_from(["nan", "inf", "-inf", "1e-3", "1e309", "0x10", "", " ", "2.5", "-0"]))
+VALUES = st.one_of(NASTY_NUMBERS, st.text(max_size=30), st.text(min_size=5000, max_size=6000),
+                   st.sampled_from(["true", "false", "yes", "null", "[1, 2]", "{a: 1}"]))
+KEYS = st.one_of(st.sampled_from(valid_keys() + list(MOVED)), st.text(max_size=20))
+OVERRIDES = st.one_of(st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES), st.text(max_size=20))
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(overrides=st.lists(OVERRIDES, max_size=4))
+def test_generated_overrides_load_or_raise_config_error(overrides):
+    """No generated override list raises anything but ConfigError."""
+    try:
+        load_config(None, overrides)
+    except ConfigError as e:
+        assert str(e)
+
+
+YAML_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), NASTY_NUMBERS, st.text(max_size=10)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                           max_leaves=8)
+YAML_DOCS = st.dictionaries(st.sampled_from(["model", "train", "optim", "eval", "paths", "bogus"]),
+                            st.one_of(YAML_VALUES, st.dictionaries(st.sampled_from(
+                                [k.split(".", 1)[1] for k in valid_keys()] + ["lr", "nope"]), YAML_VALUES,
+                                max_size=3)), max_size=3)
+
+
+@SETTINGS
+@given(content=st.one_of(st.binary(max_size=200), YAML_DOCS.map(lambda d: __import__("yaml").safe_dump(d).encode()),
+                         st.text(max_size=200).map(str.encode)))
+def test_generated_config_files_load_or_raise_config_error(content):
+    """Random bytes, non-UTF-8 files and odd YAML documents load or raise ConfigError, never else."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_bytes(content)
+        try:
+            load_config(path)
+        except ConfigError as e:
+            assert str(e)
+
+
+def assert_one_line_or_success(code: int, err: str) -> None:
+    assert code in (0, 2), err
+    if code == 2:
+        lines = err.strip().splitlines()
+        assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+
+
+RUN_KEYS = ["model.dim", "model.n_layers", "model.n_heads", "model.context_length", "model.vocab_size",
+            "model.dropout", "train.batch_size", "train.grad_accum_steps", "train.seed", "train.precision",
+            "eval.max_bytes", "eval.sample_prompt", "eval.sample_tokens", "optim.lr", "schedule.warmup_steps",
+            "checkpoint.keep_last", "data.dir"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(RUN_KEYS), value=st.one_of(NASTY_NUMBERS, st.integers(0, 300).map(str),
+                                                      st.text(max_size=12)))
+def test_generated_training_runs_finish_or_exit_2(capsys, tiny_data, key, value):
+    """A real (1-step) training run with one generated override trains or exits 2 with one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = tiny_overrides(tiny_data, Path(tmp), train__max_steps=1, eval__sample_tokens=2) + [f"{key}={value}"]
+        code = train_single.main(argv)
+        assert_one_line_or_success(code, capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_dataset(tmp / "data")
+    run_script("train_single.py", *tiny_overrides(data, tmp / "run", train__max_steps=1), check=True)
+    return tmp / "run/ckpt/best_model.pt"
+
+
+ARG_VALUES = st.one_of(NASTY_NUMBERS, st.integers(-3, 12).map(str), st.text(max_size=6))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(flags=st.lists(st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--max-new-tokens",
+                                                 "--num-samples", "--seed", "--stop", "--precision", "--device"]),
+                                ARG_VALUES), max_size=3))
+def test_generated_inference_arguments_sample_or_exit_2(capsys, checkpoint, flags):
+    """inference.py with generated flag values samples or exits 2 with one line."""
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "3"]
+    for flag, value in flags:
+        argv += [flag, str(value)]
+    code = inference.main(argv)
+    assert_one_line_or_success(code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:99", "mps", "xla", "garbage", "", "cpu:3"])
+def test_unknown_or_unavailable_device_is_one_line(capsys, tiny_data, tmp_path, device):
+    """--device names only the devices this code supports and that are present."""
+    code = train_single.main(["--device", device, *tiny_overrides(tiny_data, tmp_path, train__max_steps=1)])
+    err = capsys.readouterr().err
+    if device == "cpu:3":  # torch accepts an index on the CPU; it is the same CPU
+        assert code == 0, err
+    else:
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -1,0 +1,159 @@
+"""Nothing saved is lost and nothing ends in a traceback, with real processes: Ctrl-C, a disk that
+fills up or turns read-only mid-run, a closed stdout, unwritable outputs, and ranks that disagree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env, run_script, run_torchrun, tiny_overrides
+from utils import checkpoint as ckpt
+from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
+from utils.stopping import StopFlag
+
+LONG = dict(train__max_steps=300, eval__every=0, checkpoint__every=0, eval__sample_tokens=0)
+
+
+def start(*args: str | Path) -> subprocess.Popen:
+    """A real training process in its own session, so the whole group can be killed."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+
+
+def wait_for_line(proc: subprocess.Popen, fragment: str) -> None:
+    for line in proc.stdout:
+        if fragment in line:
+            return
+    raise AssertionError(f"process ended before '{fragment}': {proc.stderr.read()}")
+
+
+@pytest.fixture
+def reaper():
+    """Kills every process group a test started, however it ends."""
+    procs: list[subprocess.Popen] = []
+    yield procs.append
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_sigint_saves_and_exits_75_without_traceback(tiny_data, tmp_path, reaper):
+    """Ctrl-C behaves as SIGTERM: the step finishes, a checkpoint is saved, exit 75."""
+    proc = start("train_single.py", *tiny_overrides(tiny_data, tmp_path, **LONG))
+    reaper(proc)
+    wait_for_line(proc, "step 3/")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "Traceback" not in err + out and "stop signal received (SIGINT)" in out
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert ckpt.load_checkpoint(tmp_path / f"ckpt/step_{step:07d}.pt")[ckpt.TRAINER]["step"] == step
+
+
+def test_second_ctrl_c_aborts_at_once():
+    """The first SIGINT asks to stop after the step; a second raises KeyboardInterrupt (abort now)."""
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, as root; skipped with the reason elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill(folder: Path) -> None:
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, small_disk, fault,
+                                                                     reaper):
+    """The next save fails with one line and exit 2; the checkpoint saved before still loads."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_data, run, **{**LONG, "checkpoint__every": 2}) + [f"checkpoint.dir={small_disk}"]
+    proc = start("train_single.py", *overrides)
+    reaper(proc)
+    wait_for_line(proc, f"saved {small_disk / 'step_0000002.pt'}")
+    if fault == "full":
+        fill(small_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.startswith("error: could not write ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("no space left on device" in err.lower()) if fault == "full" else ("read-only" in err.lower()), err
+    if fault == "full":
+        (small_disk / "filler").unlink()
+    newest = ckpt.Checkpointer(small_disk, 3, None)._newest_loadable(warn=print)
+    assert newest is not None and newest[1][ckpt.TRAINER]["step"] >= 2
+
+
+def test_closed_stdout_is_not_a_traceback(tiny_data, tmp_path):
+    """inference.py piped into `head`: it stops quietly with 141, as a shell reports SIGPIPE."""
+    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=1), check=True)
+    proc = subprocess.Popen([sys.executable, "inference.py", "--checkpoint", str(tmp_path / "ckpt/best_model.pt"),
+                             "--prompt", "a", "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(), start_new_session=True)
+    try:
+        proc.stdout.read(10)
+        proc.stdout.close()  # what `head -c 10` does
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("command", [
+    ["scripts/evaluate.py", "--json", "/proc/no/such.json"],
+    ["scripts/export_hf.py", "--out", "/proc/no-such-export"],
+])
+def test_unwritable_output_is_one_line_naming_the_path(tiny_data, tmp_path, command):
+    """An output path that cannot be written is named in one line, exit 2."""
+    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=1), check=True)
+    proc = run_script(*command, "--checkpoint", tmp_path / "ckpt/best_model.pt")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and "/proc/no" in line, line
+
+
+def test_ranks_that_disagree_stop_at_once_with_the_keys(tiny_data, tmp_path):
+    """One rank with another optim.lr and checkpoint.every: every rank exits at start naming both keys."""
+    overrides = tiny_overrides(tiny_data, tmp_path, **LONG) + ["distributed.timeout_s=300"]
+    t0 = time.monotonic()
+    proc = run_torchrun(2, "tests/helpers/rank1_override.py", "--device", "cpu", *overrides, timeout=240,
+                        env=child_env(RANK1_OVERRIDES="optim.lr=0.5 checkpoint.every=7"))
+    assert time.monotonic() - t0 < 120  # nowhere near the collective timeout
+    assert proc.returncode != 0
+    assert "error: the ranks disagree on checkpoint.every (rank 0: 0, rank 1: 7); optim.lr (rank 0: 0.001, " \
+           "rank 1: 0.5)" in proc.stderr, proc.stderr
+    # torchrun prints its own traceback for failed workers; none comes from our code
+    assert f'File "{ROOT}' not in proc.stderr and not (tmp_path / "ckpt").exists()

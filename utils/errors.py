@@ -1,0 +1,67 @@
+"""The user-error root and the one error boundary every entry point's main() goes through.
+
+Library code raises a `UserError` subclass with the fix in its message; `run_cli` prints it as
+one `error: ...` line and exits 2. An OSError (a full disk, a read-only or missing folder, a
+permission) becomes one line naming the path and the errno. Anything else is a bug and keeps its
+traceback. Exit codes: 0 done, 2 bad input or environment, 75 preempted with a checkpoint saved,
+130 interrupted twice (Ctrl-C), 141 stdout closed early (`| head`), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_USER = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume auto to continue
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+class UserError(Exception):
+    """Bad input from the user or the environment: printed as one line, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line through run_cli, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(text: str) -> str:
+    """A message stays one line even when it quotes user input holding line breaks."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def describe_os_error(e: OSError) -> str:
+    """'<path>: <reason> (errno ENOSPC)', for an OSError from any file operation."""
+    where = e.filename if e.filename is not None else "output"
+    code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "?"
+    return f"{where}: {e.strerror or e} (errno {code})"
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run an entry point's body and turn user errors into one line and an exit code."""
+    try:
+        return body()
+    except UserError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_USER
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly; point stdout at /dev/null so the
+        # interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        print(f"error: {one_line(describe_os_error(e))}; check that the folder exists, is writable and has free space",
+              file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was saved by this interruption (earlier checkpoints are intact)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,247 @@
+"""Wiring a training run: every check first, then build everything from the config, then train.
+
+Order matters for trust: the ranks agree on the config and the data, the checkpoint folder says
+fresh, resume or refuse, the checkpoint fits, the data and the validation pass are feasible and
+the model fits in memory, and only then is anything written (config.yaml, the log, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data.dataset import BatchPlan, load_split
+from models.config import Config, ConfigError
+from models.config_loader import config_to_dict, config_to_yaml
+from models.transformer import GPT
+from utils import checkpoint as ckpt
+from utils.checkpoint import Checkpointer, CheckpointError
+from utils.distributed import DistInfo, broadcast_object, gather_object
+from utils.errors import UserError
+from utils.metrics import MetricsLogger, ThroughputMeter, flops_per_token, peak_flops
+from utils.optim import build_optimizer, build_scheduler
+from utils.precision import autocast_context, grad_scaler
+from utils.stopping import StopFlag
+from utils.trainer import Trainer
+from utils.validation import Validator
+
+Wrap = Callable[[nn.Module], nn.Module]
+
+
+# -- checks (nothing written) --------------------------------------------------------------------
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
+    """Every rank must train the same config on the same data; a mismatch stops all of them at once
+    (the first collective of the run, so nothing can hang on a rank that cadences differently)."""
+    if info.world_size == 1:
+        return
+    manifest = Path(cfg.data.dir) / "manifest.json"
+    mine = {**_flat(config_to_dict(cfg)),
+            "data manifest sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
+    everyone = gather_object(mine, info)
+    diffs = [f"{k} (rank 0: {everyone[0].get(k)!r}, rank {r}: {other.get(k)!r})"
+             for r, other in enumerate(everyone) for k in sorted(set(other) | set(everyone[0]))
+             if other.get(k) != everyone[0].get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ConfigError(f"the ranks disagree on {shown}; start every rank with the same config, overrides and data")
+
+
+def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo) -> tuple[str, dict] | None:
+    """Rank 0 decides fresh/resume/refuse, so every rank loads the same file (or fails alike)."""
+    decision: str | UserError | None = None
+    if info.is_main:
+        try:
+            found = checkpointer.find_resume(resume, warn=print)
+            decision = str(found[0]) if found else None
+        except UserError as e:
+            decision = e
+    decision = broadcast_object(decision, info)
+    if isinstance(decision, UserError):
+        raise decision
+    return (decision, ckpt.load_checkpoint(decision)) if decision else None
+
+
+def check_fits(cfg: Config, path: str, state: dict) -> None:
+    """A checkpoint can only continue a run of the same model shape, and needs optimizer state."""
+    saved, ours = state[ckpt.CONFIG].get("model", {}), config_to_dict(cfg)["model"]
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
+                              f"resume with the same model settings")
+    if ckpt.OPTIMIZER not in state:
+        raise CheckpointError(f"{path} holds weights only and cannot resume training")
+
+
+def check_memory(cfg: Config, info: DistInfo) -> int:
+    """The parameter count; refuses a model whose weights, gradients and AdamW state (16 bytes per
+    parameter) cannot fit in the device's free memory, before any allocation."""
+    with torch.device("meta"):
+        n = GPT(cfg.model).num_params()
+    if info.device.type == "cuda":
+        free = torch.cuda.mem_get_info(info.device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 16 * n > free:
+        raise ConfigError(f"the model has {n:,} parameters, which need ~{16 * n / 2**30:.1f} GiB for weights, "
+                          f"gradients and optimizer state, more than the {free / 2**30:.1f} GiB free on "
+                          f"{info.device}; lower model.dim, model.n_layers, model.ffn_dim or model.context_length")
+    return n
+
+
+def check_writable(path: Path, key: str) -> None:
+    """The folder, or the nearest existing folder above it, must be writable; probes without writing."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path} cannot be written ({existing} is not a writable folder); "
+                        f"choose another with {key}=DIR")
+
+
+# -- building ------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return (rev + (" (dirty)" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def maybe_compile(model: nn.Module, cfg: Config, device: torch.device, log: MetricsLogger) -> nn.Module:
+    """torch.compile, tried on one batch-shaped input; eager with a warning if compilation fails."""
+    if not cfg.train.compile:
+        return model
+    compiled = torch.compile(model)
+    x = torch.zeros(cfg.train.batch_size, cfg.model.context_length, dtype=torch.long, device=device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                autocast_context(device, cfg.train.precision):
+            compiled(x, x)[1].backward()
+    except Exception as e:  # inductor needs a working C++/Triton toolchain
+        log.info(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                 f"training eagerly")
+        compiled = model
+    model.zero_grad(set_to_none=True)
+    return compiled
+
+
+def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
+    """This rank's batch plan over the training split, and the validation split."""
+    t = cfg.train
+    train_data, val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+    return BatchPlan(train_data, cfg.model.context_length, t.batch_size, t.grad_accum_steps, info.rank,
+                     info.world_size, t.seed), val_data
+
+
+def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, logger: MetricsLogger,
+                  wrap: Wrap | None = None, stop: StopFlag | None = None) -> Trainer:
+    """The model, seeded, compiled and wrapped as configured, in its Trainer: what run_training
+    trains and scripts/benchmark.py times."""
+    t = cfg.train
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    seed_everything(t.seed)  # identical initial weights on every rank and world size
+    model = GPT(cfg.model).to(info.device)
+    model.activation_checkpointing = t.activation_checkpointing
+    seed_everything(t.seed + info.rank)  # per-rank dropout noise
+    model_for_training = maybe_compile(model, cfg, info.device, logger)
+    model_for_training = wrap(model_for_training) if wrap else model_for_training
+    optimizer = build_optimizer(model, cfg.optim, info.device)
+    autocast = autocast_context(info.device, t.precision)
+    peak, peak_source = peak_flops(info.device, t.precision)
+    logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
+    meter = ThroughputMeter(t.global_batch(info.world_size) * cfg.model.context_length, t.max_steps,
+                            flops_per_token(model.num_params(non_embedding=True), cfg.model.n_layers, cfg.model.dim,
+                                            cfg.model.context_length), peak)
+    return Trainer(model=model_for_training, optimizer=optimizer,
+                   scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, t.max_steps),
+                   scaler=grad_scaler(info.device, t.precision), autocast=autocast, plan=plan,
+                   validator=Validator(model_for_training, val_data, cfg.model.context_length, t.batch_size,
+                                       cfg.eval, info, autocast),
+                   checkpointer=Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info),
+                   logger=logger, meter=meter, stop=stop or StopFlag(), info=info, cfg=t,
+                   eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, run_config=config_to_dict(cfg))
+
+
+def summary(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, n_params: int,
+            logger: MetricsLogger) -> list[str]:
+    """The start-up lines on the console (the full resolved config goes to the log file)."""
+    m, t = cfg.model, cfg.train
+    device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else platform.processor() or "cpu"
+    batch = t.global_batch(info.world_size)
+    return [
+        f"model: {n_params:,} parameters (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, context "
+        f"{m.context_length})",
+        f"data: {cfg.data.dir}: {len(plan.data):,} train bytes, {len(val_data):,} val bytes, "
+        f"{plan.steps_per_epoch} steps per epoch",
+        f"global batch: {t.batch_size} per process x {t.grad_accum_steps} accumulation x {info.world_size} "
+        f"process(es) = {batch} sequences, {batch * m.context_length:,} tokens per step",
+        f"precision: {t.precision} (train.precision) | device: {info.device} ({device}) | torch {torch.__version__} "
+        f"| python {platform.python_version()} | git {git_revision()}",
+        f"checkpoints: {cfg.checkpoint.dir} | log: {logger.path} | TensorBoard: {logger.tb_dir}",
+    ]
+
+
+def run_name(config_path: str | None) -> str:
+    """TensorBoard runs and logs are named after the config file: <stem>-<timestamp>."""
+    return Path(config_path).stem if config_path else "defaults"
+
+
+def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: Wrap | None = None,
+                 run_name: str = "run") -> int:
+    """Check, then build everything from the config and train; returns the process exit code."""
+    check_ranks_agree(cfg, info)
+    checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info)
+    resumed = decide_resume(checkpointer, resume, info)
+    if resumed:
+        check_fits(cfg, *resumed)
+    plan, val_data = load_data(cfg, info)
+    Validator.check_feasible(val_data, cfg.eval)
+    n_params = check_memory(cfg, info)
+    if info.is_main:
+        check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
+        check_writable(Path(cfg.logging.dir), "logging.dir")
+
+    # accepted: from here on the run writes
+    checkpointer.accept(config_to_yaml(cfg))
+    logger = MetricsLogger(cfg.logging.dir, info.is_main, f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        logger.file_only(config_to_yaml(cfg).rstrip())
+        for line in summary(cfg, info, plan, val_data, n_params, logger):
+            logger.info(line)
+        with StopFlag() as stop:
+            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop)
+            if resumed:
+                trainer.restore(resumed[1], resumed[0])
+            elif resume == "auto":
+                logger.info(f"no checkpoint in {cfg.checkpoint.dir}; starting fresh")
+            return trainer.fit()
+    finally:
+        logger.close()
