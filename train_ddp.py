@@ -15,7 +15,7 @@ import sys
 import torch.nn as nn
 
 from models.config import DistributedConfig, parse_cli, run_cli
-from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.distributed import DistInfo, process_group
 from utils.trainer import run_training
 
 
@@ -31,11 +31,8 @@ def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
-        info = init_distributed(cfg.distributed, args.device)
-        try:
+        with process_group(cfg.distributed, args.device) as info:
             return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed))
-        finally:
-            cleanup()
 
     return run_cli(body)
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from models.config import DistributedConfig, UserError
+from utils.rendezvous import group_store
+from utils.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -64,25 +66,37 @@ def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(cfg: DistributedConfig, device_arg: str | None = None) -> DistInfo:
-    """Join the process group if launched by torchrun or srun; otherwise a world of one."""
+@contextmanager
+def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iterator[DistInfo]:
+    """The process group for the with-block if launched by torchrun or srun, otherwise a world of one.
+
+    The group gets a store of its own (utils/rendezvous.py: a restarted group must not read the keys of
+    the one before) and a watchdog (utils/watchdog.py: a rank that ends early ends the others at once).
+    """
     rank, local_rank, world_size = env_ranks()
     device = resolve_device(device_arg, local_rank)
     if world_size == 1:
-        return DistInfo(0, 0, 1, device, None)
+        yield DistInfo(0, 0, 1, device, None)
+        return
     if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
         os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s))
-    return DistInfo(rank, local_rank, world_size, device, backend)
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
+    timeout = timedelta(seconds=cfg.timeout_s)
+    store = group_store(rank, world_size, timeout)
+    watchdog = Watchdog(store, rank, world_size, os.environ["MASTER_ADDR"])
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        yield DistInfo(rank, local_rank, world_size, device, backend)
+    except BaseException as e:
+        # a UserError is this rank's own verdict; anything else may be a collective failing for a dead peer
+        watchdog.stop(finished=False, error_may_be_a_peers=not isinstance(e, UserError))
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    watchdog.stop(finished=True)
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
