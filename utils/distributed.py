@@ -1,9 +1,7 @@
-"""Process-group life: who am I (torchrun, plain srun, or a single process), setup, collectives, teardown."""
+"""Process-group life: setup (device, backend, store, watchdog), collectives, teardown."""
 
 from __future__ import annotations
 
-import os
-import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.config import DistributedConfig, UserError
-from utils.rendezvous import group_store
+from utils.rendezvous import env_ranks, group_store
 from utils.watchdog import Watchdog
 
 
@@ -29,26 +27,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun, else from srun, else a single process.
-
-    Under plain srun (no torchrun) the rendezvous address is the allocation's first node.
-    """
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
-
-
-def slurm_master_addr(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03' (as `scontrol show hostnames`)."""
-    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
-    # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
-    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
 
 
 def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
@@ -78,15 +56,12 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
     if world_size == 1:
         yield DistInfo(0, 0, 1, device, None)
         return
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
-    os.environ.setdefault("MASTER_PORT", "29500")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
-    store = group_store(rank, world_size, timeout)
-    watchdog = Watchdog(store, rank, world_size, os.environ["MASTER_ADDR"])
+    store, host = group_store(rank, world_size, timeout)
+    watchdog = Watchdog(store, rank, world_size, host)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
         yield DistInfo(rank, local_rank, world_size, device, backend)
