@@ -12,6 +12,7 @@ others, "lost <rank>", so that every survivor names the rank that ended, not ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -119,16 +120,15 @@ class Watchdog:
         self._lost.set()
         if self.rank == 0:
             for conn in self._peers:
-                try:
+                with contextlib.suppress(OSError):  # that one is gone too; the others still hear
                     conn.sendall(LOST + f" {rank}\n".encode())
-                except OSError:
-                    pass  # that one is gone too; the others still hear
         if not self._failing.wait(GRACE_S):
             self.exit_lost()
 
     def exit_lost(self) -> None:
         with self._report:
-            sys.stdout.flush()
+            with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe by now
+                sys.stdout.flush()
             who = "a rank that had not said hello" if self.lost_rank == -1 else f"rank {self.lost_rank}"
             print(f"error: {who} ended before the run finished (killed, crashed or its host lost; see its own "
                   f"output); stopping rank {self.rank} as well", file=sys.stderr, flush=True)
@@ -147,11 +147,9 @@ class Watchdog:
                 self.exit_lost()
         self._done.set()
         for conn in list(self._peers) if self.rank == 0 else [self._conn]:
-            try:
+            with contextlib.suppress(OSError):
                 if finished:
                     conn.sendall(BYE + b"\n")
                 conn.close()
-            except OSError:
-                pass
         if self.rank == 0:
             self._listener.close()
