@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from models.config import DistributedConfig
 from models.config_loader import parse_cli
-from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.distributed import DistInfo, process_group
 from utils.errors import run_cli
 from utils.run import run_name, run_training
 
@@ -33,12 +33,9 @@ def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
-        info = init_distributed(cfg.distributed, args.device)
-        try:
+        with process_group(cfg.distributed, args.device) as info:
             return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed),
                                 run_name=run_name(args.config))
-        finally:
-            cleanup()
 
     return run_cli(body)
 

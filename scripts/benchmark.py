@@ -40,7 +40,7 @@ from models.config import Config, ConfigError  # noqa: E402
 from models.config_loader import load_config  # noqa: E402
 from utils.errors import ArgumentParser, run_cli  # noqa: E402
 from train_ddp import ddp_wrap  # noqa: E402
-from utils.distributed import DistInfo, cleanup, gather_object, init_distributed  # noqa: E402
+from utils.distributed import DistInfo, gather_object, process_group  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
 from utils.run import build_trainer, load_data  # noqa: E402
 
@@ -143,12 +143,9 @@ def print_result(result: dict) -> None:
 
 
 def single(cfg: Config, args: argparse.Namespace) -> int:
-    info = init_distributed(cfg.distributed, args.device)
-    try:
+    with process_group(cfg.distributed, args.device) as info:
         result = measure(cfg, info, args.steps, args.warmup)
         results = gather_object(result, info)
-    finally:
-        cleanup()
     if not info.is_main:
         return 0
     if info.world_size > 1:

@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 
 from data.dataset import load_split  # noqa: E402
 from models.config import DistributedConfig  # noqa: E402
-from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from utils.checkpoint import CONFIG, build_model, load_checkpoint  # noqa: E402
-from utils.distributed import cleanup, init_distributed  # noqa: E402
+from utils.distributed import process_group  # noqa: E402
+from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from utils.metrics import evaluate  # noqa: E402
 from utils.precision import autocast_context  # noqa: E402
 
@@ -69,8 +69,7 @@ def read_data(args: argparse.Namespace, trained_on: str) -> tuple[np.ndarray, st
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
-        info = init_distributed(DistributedConfig(), args.device)
-        try:
+        with process_group(DistributedConfig(), args.device) as info:
             state = load_checkpoint(args.checkpoint)
             data, source = read_data(args, state[CONFIG]["data"]["dir"])
             model = build_model(state, args.checkpoint, info.device)
@@ -78,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
             metrics = evaluate(model, data, model.cfg.context_length, args.batch_size, info,
                                autocast_context(info.device, precision))
-        finally:
-            cleanup()
         if info.is_main:
             print(f"{args.checkpoint} on {source}: {metrics['bytes']:,} bytes predicted, "
                   f"{info.world_size} process(es), {precision}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,11 +51,88 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_started: list[subprocess.Popen] = []
+
+
+def start(cmd: list, env: dict | None = None, merge_stderr: bool = False, stdin: bool = False) -> subprocess.Popen:
+    """Start cmd from the repository root, text mode, output piped; it and everything under it are killed
+    when the test ends (`_kill_started`) or when `finish` times out."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or child_env(), text=True,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE)
+    _started.append(proc)
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process under it. A process group is not enough: torchrun starts each worker
+    in a session of its own. Each is stopped first, so none starts another (torchrun restarting a group)
+    between the look-up and the kill."""
+    stopped: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGSTOP)
+            stopped.append(p)
+            todo += children(p)
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def _kill_started():
+    """Every test: whatever it started and left running (a failed assertion, a hang) dies with it."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+        proc.communicate()
+
+
+def finish(proc: subprocess.Popen, timeout: float, input: str | None = None) -> subprocess.CompletedProcess:
+    """proc's exit code and output; still running after timeout (a hang), it is killed with everything
+    under it and the test fails."""
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} still running after {timeout} s: killed\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_until(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> list[str]:
+    """Lines of proc's merged output up to the first that starts with prefix (the event a test waits for).
+    Not there within timeout: proc is killed with everything under it, and the test fails."""
+    lines = []
+    timer = threading.Timer(timeout, kill_tree, [proc.pid])
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+    finally:
+        timer.cancel()
+    pytest.fail(f"{proc.args} ended, or was killed after {timeout} s, before '{prefix}':\n" + "".join(lines))
+
+
 def run_script(*args: str | Path, timeout: float = 300, env: dict | None = None, input: str | None = None,
                check: bool = False) -> subprocess.CompletedProcess:
     """Run `python <args>` from the repository root."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env or child_env(), input=input)
+    proc = finish(start([sys.executable, *args], env, stdin=input is not None), timeout, input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -65,8 +145,7 @@ def torchrun_cmd(nproc: int, *args: str | Path, max_restarts: int = 0) -> list[s
 
 def run_torchrun(nproc: int, *args: str | Path, timeout: float = 300, max_restarts: int = 0,
                  check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(torchrun_cmd(nproc, *args, max_restarts=max_restarts), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env or child_env())
+    proc = finish(start(torchrun_cmd(nproc, *args, max_restarts=max_restarts), env), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

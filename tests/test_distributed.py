@@ -1,12 +1,8 @@
 """DDP with real torchrun/gloo processes on CPU: the same weights as one process, disjoint data shards,
 files written by rank 0 only, checkpoints that load anywhere, and a failing rank that ends the job."""
 
-import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs,
-                      tiny_overrides, torchrun_cmd)
+from conftest import (TINY_TEXT, child_env, finish, load_weights, make_dataset, read_until, run_script, run_torchrun,
+                      start, tb_runs, tiny_overrides, torchrun_cmd)
 from data.dataset import BatchPlan, load_split
-from utils.distributed import env_ranks, slurm_master_addr
+from utils.rendezvous import env_ranks, slurm_master_addr
 
 HELPER = "tests/helpers/instrumented_ddp.py"
 STEPS = 20
@@ -133,27 +129,7 @@ def test_two_rank_checkpoint_resumes_in_one_process_and_samples(runs, tmp_path):
     assert sample.stdout.startswith("the quick") and len(sample.stdout) > len("the quick")
 
 
-def start(cmd: list, env: dict) -> subprocess.Popen:
-    # its own session, so a hang can be killed together with every worker it started
-    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def run_bounded(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """The outputs of procs; any still running after timeout (a hang) are killed and the test fails."""
-    deadline = time.monotonic() + timeout
-    outs = []
-    for proc in procs:
-        try:
-            outs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-            pytest.fail(f"still running after {timeout} s: the job hangs\n{''.join(outs)}{proc.communicate()[0]}")
-    return outs
-
-
+STARTUP_S = 300  # start-up alone (python, torch, the group) under heavy load; the bounds under test are tighter
 FAULT = dict(train__max_steps=200, train__eval_every=0, train__save_every=0, train__sample_tokens=0)
 
 
@@ -161,8 +137,9 @@ FAULT = dict(train__max_steps=200, train__eval_every=0, train__save_every=0, tra
 def test_failing_rank_ends_the_torchrun_job(tiny_data, tmp_path):
     """Rank 1 raising at step 2 makes torchrun exit non-zero within seconds, not at distributed.timeout_s."""
     cmd = torchrun_cmd(2, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT))
-    proc = start(cmd, child_env(FAIL_RANK="1", FAIL_AT_STEP="2"))
-    (out,) = run_bounded([proc], timeout=90)
+    proc = start(cmd, child_env(FAIL_RANK="1", FAIL_AT_STEP="2"), merge_stderr=True)
+    head = read_until(proc, "world size 2", timeout=STARTUP_S)
+    out = "".join(head) + finish(proc, timeout=60).stdout
     assert proc.returncode != 0 and "injected fault on rank 1 at step 2" in out
     assert "done:" not in out
 
@@ -181,10 +158,33 @@ def test_failing_rank_ends_a_plain_srun_style_job(tiny_data, tmp_path):
     base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
                 FAIL_RANK="1", FAIL_AT_STEP="2")
     cmd = [sys.executable, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT)]
-    procs = [start(cmd, dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r))) for r in (0, 1)]
-    out0, out1 = run_bounded(procs, timeout=90)
-    assert procs[1].returncode != 0 and "injected fault on rank 1 at step 2" in out1
-    assert procs[0].returncode != 0 and "world size 2" in out0, out0
+    procs = [start(cmd, dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), merge_stderr=True) for r in (0, 1)]
+    head = read_until(procs[0], "world size 2", timeout=STARTUP_S)
+    rank0, rank1 = (finish(p, timeout=60) for p in procs)
+    assert rank1.returncode != 0 and "injected fault on rank 1 at step 2" in rank1.stdout
+    rank0_out = "".join(head) + rank0.stdout
+    assert rank0.returncode == 1 and "error: rank 1 ended before the run finished" in rank0_out, rank0_out
+    assert "Traceback" not in rank0_out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [0, 1])
+def test_killed_rank_of_plain_processes_ends_the_other_with_one_line(tiny_data, tmp_path, killed):
+    """Two plain processes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; no torchrun): SIGKILL of one rank
+    mid-run ends the other within 30 s, exit 1, with one line naming the dead rank and no traceback."""
+    base = {k: v for k, v in child_env().items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "train_ddp.py", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT)]
+    procs = [start(cmd, dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    read_until(procs[0], "step 3/", timeout=STARTUP_S)  # both ranks are past their first collectives
+    procs[killed].kill()
+    killed_at = time.monotonic()
+    survivor = finish(procs[1 - killed], timeout=30)
+    assert time.monotonic() - killed_at < 30
+    assert survivor.returncode == 1, survivor.stderr
+    assert survivor.stderr.splitlines() == [
+        f"error: rank {killed} ended before the run finished (killed, crashed or its host lost; see its own "
+        f"output); stopping rank {1 - killed} as well"]
 
 
 @pytest.mark.parametrize("env, expected", [

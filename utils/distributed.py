@@ -1,13 +1,11 @@
-"""Process-group life: who am I (torchrun, plain srun, or a single process), setup, collectives, teardown."""
+"""Process-group life: setup (device, backend, store, watchdog), collectives, teardown."""
 
 from __future__ import annotations
 
-import os
-import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -15,6 +13,8 @@ import torch.nn as nn
 
 from models.config import DistributedConfig
 from utils.errors import UserError
+from utils.rendezvous import env_ranks, group_store
+from utils.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -28,26 +28,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun, else from srun, else a single process.
-
-    Under plain srun (no torchrun) the rendezvous address is the allocation's first node.
-    """
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
-
-
-def slurm_master_addr(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03' (as `scontrol show hostnames`)."""
-    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
-    # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
-    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
 
 
 def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
@@ -65,25 +45,34 @@ def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(cfg: DistributedConfig, device_arg: str | None = None) -> DistInfo:
-    """Join the process group if launched by torchrun or srun; otherwise a world of one."""
+@contextmanager
+def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iterator[DistInfo]:
+    """The process group for the with-block if launched by torchrun or srun, otherwise a world of one.
+
+    The group gets a store of its own (utils/rendezvous.py: a restarted group must not read the keys of
+    the one before) and a watchdog (utils/watchdog.py: a rank that ends early ends the others at once).
+    """
     rank, local_rank, world_size = env_ranks()
     device = resolve_device(device_arg, local_rank)
     if world_size == 1:
-        return DistInfo(0, 0, 1, device, None)
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
-    os.environ.setdefault("MASTER_PORT", "29500")
+        yield DistInfo(0, 0, 1, device, None)
+        return
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s))
-    return DistInfo(rank, local_rank, world_size, device, backend)
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
+    timeout = timedelta(seconds=cfg.timeout_s)
+    store, host = group_store(rank, world_size, timeout)
+    watchdog = Watchdog(store, rank, world_size, host)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        yield DistInfo(rank, local_rank, world_size, device, backend)
+    except BaseException as e:
+        # a UserError is this rank's own verdict; anything else may be a collective failing for a dead peer
+        watchdog.stop(finished=False, error_may_be_a_peers=not isinstance(e, UserError))
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    watchdog.stop(finished=True)
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""Where a process group meets: each process's rank (torchrun, plain srun, or a single process), the
+address of rank 0, and the TCPStore the group starts from, a new one for every group, so that a
+restarted group never reads the keys of the group before it.
+
+torchrun (c10d and static rendezvous, torch >= 2.4) hands its workers the agent's own TCPStore, and that
+store outlives restarts. A restarted group then finds the previous group's keys, gloo's peer addresses or
+NCCL's unique id, and dials processes that are dead: "connectFullMesh failed ... Connection refused", or a
+hang (pytorch/pytorch#135712, #167288). TORCHELASTIC_RESTART_COUNT cannot name the group, because each
+agent counts its own restarts and a node restarted for a membership change keeps its count. So rank 0
+starts a fresh store on a free port and announces it through the agent's store; an announcement left by
+an earlier group names a store that died with its rank 0, and the other ranks read the key again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import uuid
+from datetime import timedelta
+
+import torch.distributed as dist
+
+ANNOUNCE_KEY = "bytegpt/group_store"  # in the agent's store: "<port> <nonce>" of the current group's store
+NONCE_KEY = "bytegpt/nonce"  # in the group's store: proves a store found at an announced port is that one
+PROBE = timedelta(seconds=3)  # an announced store is up before it is announced, so this only waits out load
+
+
+def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun, else from srun, else a single process.
+
+    Under plain srun (no torchrun) the rendezvous address is the allocation's first node.
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03' (as `scontrol show hostnames`)."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
+    # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
+    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
+
+
+def group_store(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:
+    """A store that only this group's ranks have written to, hosted by rank 0, and rank 0's host."""
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # plain processes (srun, or torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a new store per launch
+        return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                             wait_for_workers=False), host
+    agent = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = uuid.uuid4().hex
+        store.set(NONCE_KEY, nonce)
+        agent.set(ANNOUNCE_KEY, f"{store.port} {nonce}")
+        return store, host
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        announced_port, nonce = agent.get(ANNOUNCE_KEY).decode().split()
+        try:
+            # a plain connect first: an earlier group's store is gone, and TCPStore would log each retry
+            socket.create_connection((host, int(announced_port)), timeout=PROBE.total_seconds()).close()
+            store = dist.TCPStore(host, int(announced_port), world_size, is_master=False, timeout=PROBE)
+            if store.get(NONCE_KEY).decode() == nonce:
+                store.set_timeout(timeout)
+                return store, host
+        except (OSError, dist.DistError):
+            pass  # an earlier group's store: gone, or its port now serves another store
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 announced no live process-group store within {timeout}")
+        time.sleep(0.1)  # rank 0 of this group has not announced yet; it overwrites the stale key soon
