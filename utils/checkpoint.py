@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from models.config import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the window order became a keyed bijection (data/order.py)
 # stable top-level keys of a checkpoint
 MODEL, OPTIMIZER, SCHEDULER, SCALER, TRAINER, RNG, CONFIG, FORMAT = (
     "model", "optimizer", "scheduler", "scaler", "trainer", "rng", "config", "format_version")
