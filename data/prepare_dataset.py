@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.input:
             files = expand_inputs(args.input, exclude=out)
             check_inputs(files)
-            progress = Progress(sum(f.stat().st_size for f in files), f"preparing {out}", args.progress_every)
+            progress = Progress(sum(f.stat().st_size for f in files), f"preparing {out.name}", args.progress_every)
             chunks, sources = joined_stream(files, separator, args.text_field, progress), [str(f) for f in files]
         else:
             data, sources = default_corpus()

@@ -169,7 +169,7 @@ def _documents(path: Path, field: str, progress: Progress) -> Iterator[tuple[boo
             else:
                 yield from _text(f, raw, progress)
     except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:
-        at = f"{path}:{where.line}" if where.line else str(path)
+        at = f"{path}:{where.line + 1}" if kind == "jsonl" else str(path)  # the line being read
         what = "compressed data is truncated or corrupt" if opener else "cannot be read"
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise DataError(f"{at}: {what} ({reason}); re-create or re-download it") from None
