@@ -10,6 +10,7 @@ resuming needs only the step, and any world size sees the same global batches.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,17 @@ from data.order import KeyedPermutation, derive_key, mix64
 from data.shards import DataError, check_shards, read_manifest
 
 class ShardedBytes:
-    """Read-only bytes spread over memory-mapped shards, indexed as one array: len(), [a:b] (a
-    view, nothing read) and integer arrays of any shape (a uint8 array of that shape)."""
+    """Read-only bytes spread over shard files, indexed as one array: len(), [a:b] (a view, nothing
+    read) and integer arrays of any shape (a uint8 array of that shape).
 
-    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None) -> None:
-        self.shards = shards
-        self.ends = np.cumsum([len(s) for s in shards])
+    Each access maps the shards it needs and unmaps them after, as nanoGPT does per batch: a mapping
+    kept open accumulates every page ever touched in the process's RSS (whole large folios on recent
+    kernels), so memory would grow with the corpus over a long run.
+    """
+
+    def __init__(self, paths: list[Path], sizes: list[int], start: int = 0, stop: int | None = None) -> None:
+        self.paths, self.sizes = paths, sizes
+        self.ends = np.cumsum(sizes)
         self.start, self.stop = start, int(self.ends[-1]) if stop is None else stop
 
     def __len__(self) -> int:
@@ -35,7 +41,7 @@ class ShardedBytes:
             start, stop, step = key.indices(len(self))
             if step != 1:
                 raise IndexError("ShardedBytes slices take no step")
-            return ShardedBytes(self.shards, self.start + start, self.start + max(start, stop))
+            return ShardedBytes(self.paths, self.sizes, self.start + start, self.start + max(start, stop))
         index = np.asarray(key)
         if index.dtype.kind not in "iu":
             raise IndexError(f"ShardedBytes takes integer indices (got {index.dtype})")
@@ -44,14 +50,14 @@ class ShardedBytes:
         if index.size and (index.min() < 0 or index.max() >= n):
             raise IndexError(f"index out of range for {n:,} bytes")
         flat = index.reshape(-1).astype(np.int64) + self.start
-        if len(self.shards) == 1:
-            out = np.asarray(self.shards[0][flat])
-        else:
-            which = np.searchsorted(self.ends, flat, side="right")
-            out = np.empty(flat.shape, dtype=np.uint8)
-            for s in np.unique(which):
-                mine = which == s
-                out[mine] = self.shards[s][flat[mine] - (self.ends[s] - len(self.shards[s]))]
+        which = np.searchsorted(self.ends, flat, side="right")
+        out = np.empty(flat.shape, dtype=np.uint8)
+        for s in np.unique(which):
+            mine = which == s
+            with open(self.paths[s], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                shard = np.frombuffer(mapped, dtype=np.uint8)
+                out[mine] = shard[flat[mine] - (self.ends[s] - self.sizes[s])]
+                del shard  # releases the buffer so the mapping can close
         return out.reshape(index.shape)
 
 
@@ -63,7 +69,7 @@ def load_split(data_dir: str | Path, split: str) -> ShardedBytes:
         raise DataError(f"{data_dir} has no {split} split; prepare it with --{split}-fraction or --{split}-bytes "
                         f"(python data/prepare_dataset.py --help)")
     check_shards(data_dir, manifest, [split], sha256=False)
-    return ShardedBytes([np.memmap(Path(data_dir) / e["file"], dtype=np.uint8, mode="r") for e in entries])
+    return ShardedBytes([Path(data_dir) / e["file"] for e in entries], [e["bytes"] for e in entries])
 
 
 def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +127,6 @@ class BatchPlan:
 
     def batch(self, step: int, micro_step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.window_starts(step, micro_step)
-        # one vectorised gather from the memmap, no per-sample Python work
+        # one vectorised gather per shard touched, no per-sample Python work
         windows = self.data[starts[:, None] + np.arange(self.T + 1)]
         return to_device(windows, device)

@@ -37,14 +37,6 @@ def remove_staged(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """One split's bytes -> staged shards of at most shard_size bytes, each hashed as it is written."""
 
@@ -182,7 +174,9 @@ def commit(out: Path, manifest: dict, replaced: dict | None) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST)
-    fsync_dir(out)
+    folder = os.open(out, os.O_RDONLY)  # the renames must reach the disk too
+    os.fsync(folder)
+    os.close(folder)
     for split in SPLITS if replaced else ():
         for entry in replaced["splits"].get(split, []):
             if entry["file"] not in listed:

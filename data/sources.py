@@ -60,8 +60,7 @@ def file_format(path: Path) -> tuple[str, Callable | None]:
 
 
 def check_inputs(files: list[Path]) -> None:
-    """Fail before anything is written: unknown compression is fine (read as text), but Parquet
-    needs pyarrow."""
+    """Fail before anything is written if an input kind cannot be read here (Parquet without pyarrow)."""
     parquet = [f for f in files if file_format(f)[0] == "parquet"]
     if parquet:
         try:

@@ -46,16 +46,15 @@ WORDS = ("the of and to in is was that for it with as his on be at by had are bu
 BLOCK = 16 << 20  # text is generated as a few random blocks of this size, written in turn
 
 
-def text_block(rng: np.random.Generator) -> bytes:
-    words = rng.choice(np.array(WORDS), size=BLOCK // 5)
-    text = " ".join(words.tolist())
-    return text.replace(" the ", ". The ", 1).encode()[:BLOCK]
+def text_block(rng: np.random.Generator, size: int) -> bytes:
+    words = rng.choice(np.array(WORDS), size=size // 4)
+    return " ".join(words.tolist()).encode()[:size]
 
 
 def generate(corpus: Path, size: int, seed: int = 0) -> dict[str, Path]:
     """Half plain text (files of at most 512 MB), a quarter JSONL, a quarter gzip; returns the folders."""
     rng = np.random.default_rng(seed)
-    blocks = [text_block(rng) for _ in range(4)]  # drawing words is slow; the content does not matter here
+    blocks = [text_block(rng, min(BLOCK, size)) for _ in range(4)]  # drawing words is slow; the content does not matter here
     turn = iter(range(1 << 62))
 
     def block_() -> bytes:

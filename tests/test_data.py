@@ -1,6 +1,8 @@
 """Data: preparation basics, the sharded loader, and the per-rank batch plan's window order."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,14 @@ from conftest import run_script
 from data.dataset import BatchPlan, DataError, ShardedBytes, load_split
 from data.order import KeyedPermutation
 from data.prepare_dataset import default_corpus
+
+
+def sharded(tmp, whole: np.ndarray, cuts) -> ShardedBytes:
+    """whole cut at `cuts` into real shard files."""
+    parts = np.split(whole, cuts)
+    for i, part in enumerate(parts):
+        part.tofile(tmp / f"shard-{i}.bin")
+    return ShardedBytes([tmp / f"shard-{i}.bin" for i in range(len(parts))], [len(p) for p in parts])
 
 
 def split_bytes(data_dir, split: str) -> bytes:
@@ -71,18 +81,19 @@ def test_missing_dataset_names_the_command(tmp_path):
 def test_sharded_bytes_index_like_one_array(sizes, data):
     """Slices and integer arrays of any shape over several shards give what one array gives."""
     whole = np.random.default_rng(len(sizes)).integers(0, 256, sum(sizes), dtype=np.uint8)
-    shards = np.split(whole, np.cumsum(sizes)[:-1])
-    joined = ShardedBytes(shards)
     start = data.draw(st.integers(0, len(whole)))
     stop = data.draw(st.integers(start, len(whole)))
-    view, ref = joined[start:stop], whole[start:stop]
-    assert len(view) == len(ref)
-    if len(ref):
-        idx = np.array(data.draw(st.lists(st.integers(-len(ref), len(ref) - 1), min_size=1, max_size=12)))
-        assert np.array_equal(view[idx.reshape(-1, 1)], ref[idx.reshape(-1, 1)])
-        assert view[idx].dtype == np.uint8
-    with pytest.raises(IndexError):
-        view[np.array([len(ref)])]
+    ref = whole[start:stop]
+    idx = np.array(data.draw(st.lists(st.integers(-len(ref), len(ref) - 1), min_size=1, max_size=12))) \
+        if len(ref) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        view = sharded(Path(tmp), whole, np.cumsum(sizes)[:-1])[start:stop]
+        assert len(view) == len(ref)
+        if idx is not None:
+            assert np.array_equal(view[idx.reshape(-1, 1)], ref[idx.reshape(-1, 1)])
+            assert view[idx].dtype == np.uint8
+        with pytest.raises(IndexError):
+            view[np.array([len(ref)])]
 
 
 @settings(max_examples=60, deadline=None)
@@ -139,10 +150,10 @@ def test_order_repeats_with_seed_and_costs_nothing_for_a_huge_corpus():
     assert x.shape == (32, 512)
 
 
-def test_batches_are_the_right_bytes():
+def test_batches_are_the_right_bytes(tmp_path):
     """x is a window of the data and y the same window shifted by one byte, across shard boundaries."""
     whole = np.arange(200, dtype=np.uint8)
-    p = BatchPlan(ShardedBytes(np.split(whole, [37, 90, 91])), 8, 3, 1, 0, 1, seed=0)
+    p = BatchPlan(sharded(tmp_path, whole, [37, 90, 91]), 8, 3, 1, 0, 1, seed=0)
     x, y = p.batch(0, 0, torch.device("cpu"))
     for row_x, row_y, start in zip(x, y, p.window_starts(0, 0)):
         assert row_x.tolist() == list(range(start, start + 8)) and row_y.tolist() == list(range(start + 1, start + 9))

@@ -117,7 +117,7 @@ def test_resume_across_shard_boundaries_is_bit_exact(tmp_path):
     data = tmp_path / "data"
     prepare(data, [TINY_TEXT.encode()], ["tests"], 0.1, shard_size=256)
     train = load_split(data, "train")
-    assert isinstance(train, ShardedBytes) and len(train.shards) > 100
+    assert isinstance(train, ShardedBytes) and len(train.paths) > 100
     from data.dataset import BatchPlan
 
     plan = BatchPlan(train, 32, 4, 1, 0, 1, seed=1337)
