@@ -194,7 +194,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, case):
 
 def test_parquet_without_pyarrow_names_the_package(tmp_path):
     """Without pyarrow a Parquet input is refused up front, in one line that says what to install."""
-    write_parquet(tmp_path / "in.parquet", DOCS)
+    (tmp_path / "in.parquet").write_bytes(b"PAR1")  # refused before it is opened, so any content does
     code = ("import sys; sys.modules['pyarrow'] = sys.modules['pyarrow.parquet'] = None; "  # import now fails
             "sys.argv[0] = 'data/prepare_dataset.py'; from data.prepare_dataset import main; sys.exit(main())")
     proc = run_script("-c", code, "--input", tmp_path / "in.parquet", "--out", tmp_path / "d")
