@@ -1,34 +1,75 @@
-"""Training-time data: memory-mapped byte splits and a deterministic per-rank batch plan.
+"""Training-time data: a split's shards as one memory-mapped byte array, and a per-rank batch plan.
 
 An epoch is a shuffled pass over non-overlapping windows of context_length + 1 bytes, the
-windows shifted by a random phase each epoch so boundaries differ between epochs. Both the
-phase and the order come from (seed, epoch) alone, and every optimizer step takes the next
-global batch of windows, so which bytes a rank sees at (step, micro_step) is a pure function:
+windows shifted by a random phase each epoch so boundaries differ between epochs. The phase and
+the order are pure functions of (seed, epoch, index): the order is a keyed bijection over the
+window indices (data/order.py), so nothing grows with the corpus. Every optimizer step takes the
+next global batch of windows, so which bytes a rank sees at (step, micro_step) is a pure function:
 resuming needs only the step, and any world size sees the same global batches.
 """
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from data.order import KeyedPermutation, derive_key, mix64
+from data.shards import DataError, check_shards, read_manifest
+
+class ShardedBytes:
+    """Read-only bytes spread over shard files, indexed as one array: len(), [a:b] (a view, nothing
+    read) and integer arrays of any shape (a uint8 array of that shape).
+
+    Each access maps the shards it needs and unmaps them after, as nanoGPT does per batch: a mapping
+    kept open accumulates every page ever touched in the process's RSS (whole large folios on recent
+    kernels), so memory would grow with the corpus over a long run.
+    """
+
+    def __init__(self, paths: list[Path], sizes: list[int], start: int = 0, stop: int | None = None) -> None:
+        self.paths, self.sizes = paths, sizes
+        self.ends = np.cumsum(sizes)
+        self.start, self.stop = start, int(self.ends[-1]) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("ShardedBytes slices take no step")
+            return ShardedBytes(self.paths, self.sizes, self.start + start, self.start + max(start, stop))
+        index = np.asarray(key)
+        if index.dtype.kind not in "iu":
+            raise IndexError(f"ShardedBytes takes integer indices (got {index.dtype})")
+        n = len(self)
+        index = np.where(index < 0, index + n, index)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise IndexError(f"index out of range for {n:,} bytes")
+        flat = index.reshape(-1).astype(np.int64) + self.start
+        which = np.searchsorted(self.ends, flat, side="right")
+        out = np.empty(flat.shape, dtype=np.uint8)
+        for s in np.unique(which):
+            mine = which == s
+            with open(self.paths[s], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                shard = np.frombuffer(mapped, dtype=np.uint8)
+                out[mine] = shard[flat[mine] - (self.ends[s] - self.sizes[s])]
+                del shard  # releases the buffer so the mapping can close
+        return out.reshape(index.shape)
 
 
-class DataError(UserError):
-    """The dataset is missing or cannot serve the requested batches."""
-
-
-def load_split(data_dir: str | Path, split: str) -> np.ndarray:
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise DataError(f"dataset not prepared: {path} is missing; run "
-                        f"`python data/prepare_dataset.py --out {data_dir}` (add --input FILES for your own text)")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty; re-run data/prepare_dataset.py on a non-empty corpus")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+def load_split(data_dir: str | Path, split: str) -> ShardedBytes:
+    """A split of a prepared dataset; its shards are checked for presence and size, not read."""
+    manifest = read_manifest(data_dir)
+    entries = manifest["splits"].get(split)
+    if not entries:
+        raise DataError(f"{data_dir} has no {split} split; prepare it with --{split}-fraction or --{split}-bytes "
+                        f"(python data/prepare_dataset.py --help)")
+    check_shards(data_dir, manifest, [split], sha256=False)
+    return ShardedBytes([Path(data_dir) / e["file"] for e in entries], [e["bytes"] for e in entries])
 
 
 def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +87,7 @@ def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, 
 class BatchPlan:
     """Which windows each rank trains on at each (step, micro_step)."""
 
-    def __init__(self, data: np.ndarray, context_length: int, batch_size: int, grad_accum_steps: int,
+    def __init__(self, data: ShardedBytes | np.ndarray, context_length: int, batch_size: int, grad_accum_steps: int,
                  rank: int, world_size: int, seed: int) -> None:
         self.data, self.T = data, context_length
         self.batch_size, self.accum, self.rank, self.world = batch_size, grad_accum_steps, rank, world_size
@@ -63,14 +104,13 @@ class BatchPlan:
                             f"fewer than one global batch ({batch_size} x {grad_accum_steps} accumulation x "
                             f"{world_size} processes = {per_step}); lower train.batch_size, "
                             f"train.grad_accum_steps or model.context_length, or prepare more text")
-        self._epoch: tuple[int, int, np.ndarray] | None = None
+        self._epoch: tuple[int, int, KeyedPermutation] | None = None
 
-    def epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
-        """(phase, permutation of window indices) for an epoch; reshuffled every epoch."""
+    def epoch_order(self, epoch: int) -> tuple[int, KeyedPermutation]:
+        """(phase, window order) of an epoch: order(i) is the window at position i; a new order every epoch."""
         if self._epoch is None or self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            phase = int(rng.integers(self.T))
-            self._epoch = (epoch, phase, rng.permutation(self.n_windows))
+            key = derive_key(self.seed, epoch)
+            self._epoch = (epoch, mix64(key) % self.T, KeyedPermutation(self.n_windows, key))
         return self._epoch[1], self._epoch[2]
 
     def position(self, step: int) -> tuple[int, int]:
@@ -83,10 +123,10 @@ class BatchPlan:
         phase, order = self.epoch_order(epoch)
         global_micro = self.batch_size * self.world
         first = (step_in_epoch * self.accum + micro_step) * global_micro + self.rank * self.batch_size
-        return phase + order[first:first + self.batch_size] * self.T
+        return phase + order(np.arange(first, first + self.batch_size)) * self.T
 
     def batch(self, step: int, micro_step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.window_starts(step, micro_step)
-        # one vectorised gather from the memmap, no per-sample Python work
+        # one vectorised gather per shard touched, no per-sample Python work
         windows = self.data[starts[:, None] + np.arange(self.T + 1)]
         return to_device(windows, device)

@@ -1,11 +1,15 @@
-"""Turn text into byte-level train/val splits that training memory-maps.
+"""Turn text into byte-level train/val(/test) shards that training memory-maps, in constant memory.
 
     python data/prepare_dataset.py                          # default corpus -> data/default
     python data/prepare_dataset.py --input notes/ "*.md" --out data/mine --val-fraction 0.05
+    python data/prepare_dataset.py --input dump.jsonl.gz --text-field text --out data/mine --append
+    python data/prepare_dataset.py --input enwik8 --val-bytes 5000000 --test-bytes 5000000 --out data/enwik8
 
-Writes <out>/train.bin and <out>/val.bin (raw UTF-8 bytes as uint8, vocabulary 256) and
-<out>/manifest.json (sources, byte counts, sha256). The last val_fraction of the bytes is the
-validation split. Re-running with the same input and settings leaves the files untouched.
+Writes <out>/train-00000.bin, ..., val-00000.bin, ... (raw bytes as uint8, vocabulary 256; see
+data/shards.py) and <out>/manifest.json. The input is streamed once, in chunks, whatever its size.
+Documents are joined by --separator; of the joined bytes the first part is train, then val, then
+test. Re-running with the same input and settings leaves the files untouched; --append adds new
+input (split the same way) as new shards and never rewrites the old ones.
 
 The default corpus is the English reference text that ships inside every CPython install
 (pydoc_data.topics: the language reference behind `help()`), so it builds offline.
@@ -14,18 +18,22 @@ The default corpus is the English reference text that ships inside every CPython
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
-import json
-import os
+import re
 import sys
 from pathlib import Path
+from typing import Iterable
 
-MANIFEST_VERSION = 1
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.progress import Progress  # noqa: E402
+from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,  # noqa: E402
+                         commit, read_manifest, remove_staged, split_off_tail)
+from data.sources import check_inputs, expand_inputs, joined_stream  # noqa: E402
+from utils.errors import ArgumentParser, run_cli  # noqa: E402
 
-class DataError(Exception):
-    """The input cannot be turned into a dataset."""
+DEFAULT_SHARD_SIZE = 1 << 30
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def default_corpus() -> tuple[bytes, list[str]]:
@@ -35,105 +43,161 @@ def default_corpus() -> tuple[bytes, list[str]]:
     return text.encode("utf-8"), [f"python{sys.version_info.major}.{sys.version_info.minor}:pydoc_data.topics"]
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (every file below, sorted) and globs, in the order given."""
-    files: list[Path] = []
-    for item in inputs:
-        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
-        if not matches:
-            raise DataError(f"--input '{item}' matches no file")
-        for match in map(Path, matches):
-            if match.is_dir():
-                files.extend(sorted(p for p in match.rglob("*") if p.is_file()))
-            elif match.is_file():
-                files.append(match)
-            else:
-                raise DataError(f"--input '{match}' does not exist")
-    return files
+def split_sizes(n: int, spec: dict) -> tuple[int, int, int]:
+    """(train, val, test) byte counts of n bytes: explicit counts where given, else fractions."""
+    held = [spec[f"{s}_bytes"] if spec.get(f"{s}_bytes") is not None else int(n * spec.get(f"{s}_fraction", 0.0))
+            for s in ("val", "test")]
+    sizes = (n - sum(held), *held)
+    wanted = ("train", "val") + (("test",) if held[1] or spec.get("test_fraction") else ())
+    if any(sizes[SPLITS.index(s)] < 2 for s in wanted):
+        raise DataError(f"{n:,} bytes cannot give train/val/test splits of {sizes[0]:,}/{sizes[1]:,}/{sizes[2]:,} "
+                        f"bytes (each needs at least 2); give more text or hold out less")
+    return sizes
 
 
-def read_inputs(files: list[Path]) -> bytes:
-    parts = []
-    for f in files:
+def _identity(part: dict, with_sources: bool) -> dict:
+    """What makes two runs the same: content, settings and, for a full prepare, the sources."""
+    keys = ("input_bytes", "input_digest", "split", "shard_size", "reader") + (("sources",) if with_sources else ())
+    return {k: part.get(k) for k in keys}
+
+
+def _already_done(out: Path, old: dict, part: dict, append: bool) -> bool:
+    """Whether the dataset already holds this input (appended or prepared alone), complete."""
+    same = any(_identity(p, False) == _identity(part, False) for p in old["parts"]) if append \
+        else [_identity(p, True) for p in old["parts"]] == [_identity(part, True)]
+    try:
+        check_shards(out, old, SPLITS, sha256=False)
+    except DataError:
+        return False
+    return same
+
+
+def prepare(out: str | Path, chunks: Iterable[bytes], sources: list[str], val_fraction: float = 0.1,
+            test_fraction: float = 0.0, *, val_bytes: int | None = None, test_bytes: int | None = None,
+            shard_size: int = DEFAULT_SHARD_SIZE, append: bool = False,
+            reader: dict | None = None) -> tuple[dict, bool]:
+    """Stream chunks into shards and write the manifest; returns (manifest, whether anything changed).
+
+    On any error every file this run staged is removed (and `out` too if this run created it).
+    """
+    out = Path(out)
+    old = None
+    if (out / MANIFEST).is_file():
         try:
-            parts.append(f.read_bytes())
-        except OSError as e:
-            raise DataError(f"cannot read {f}: {e.strerror}") from None
-    return b"\n".join(parts)
-
-
-def split(data: bytes, val_fraction: float) -> tuple[bytes, bytes]:
-    n_val = int(len(data) * val_fraction)
-    return data[: len(data) - n_val], data[len(data) - n_val:]
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare(out: Path, data: bytes, sources: list[str], val_fraction: float) -> tuple[dict, bool]:
-    """Write the splits and manifest; returns (manifest, whether anything was written)."""
-    if not data.strip():
-        raise DataError("the input is empty: give --input files that contain text")
-    train, val = split(data, val_fraction)
-    if len(val) < 2 or len(train) < 2:
-        raise DataError(f"{len(data)} bytes is too little for a train/val split of {val_fraction}; "
-                        f"give more text or change --val-fraction")
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "sources": sources,
-        "val_fraction": val_fraction,
-        "total_bytes": len(data),
-        "train_bytes": len(train),
-        "val_bytes": len(val),
-        "sha256": {"input": hashlib.sha256(data).hexdigest(), "train.bin": hashlib.sha256(train).hexdigest(),
-                   "val.bin": hashlib.sha256(val).hexdigest()},
-    }
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file() and all((out / n).is_file() for n in ("train.bin", "val.bin")):
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return manifest, False
-        except json.JSONDecodeError:
-            pass
+            old = read_manifest(out)
+        except DataError:
+            if append:
+                raise
+    base = old if append else None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "train.bin", train)
-    _write_atomic(out / "val.bin", val)
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest, True
+    try:
+        next_index = {s: len(base["splits"][s]) if base else 0 for s in SPLITS}
+        staging = ShardWriter(out, "train", next_index["train"], shard_size)
+        n, has_text = 0, False
+        for chunk in chunks:
+            staging.write(chunk)
+            n += len(chunk)
+            has_text = has_text or (len(chunk) > 0 and not chunk.isspace())
+        staged = staging.close()
+        if not has_text:
+            raise DataError("the input is empty: give --input files that contain text")
+        spec = {"val_fraction": val_fraction, "test_fraction": test_fraction, "val_bytes": val_bytes,
+                "test_bytes": test_bytes}
+        n_train, n_val, n_test = split_sizes(n, spec)
+        # the staged shards' hashes identify the input without hashing every byte twice
+        digest = hashlib.sha256("".join(e["sha256"] for e in staged).encode()).hexdigest()
+        part = {"sources": sources, "input_bytes": n, "input_digest": digest, "split": spec,
+                "shard_size": shard_size, "reader": reader or {}}
+        if old is not None and _already_done(out, old, part, append):
+            return old, False
+        writers = {s: ShardWriter(out, s, next_index[s], shard_size) for s in ("val", "test")}
+        new = {"train": split_off_tail(out, staged, n_train, [(writers["val"], n_val), (writers["test"], n_test)]),
+               "val": writers["val"].close(), "test": writers["test"].close()}
+        part.update(train_bytes=n_train, val_bytes=n_val, test_bytes=n_test)
+        parts = (base["parts"] if base else []) + [part]
+        splits = {s: (base["splits"][s] if base else []) + new[s] for s in SPLITS}
+        manifest = {"version": MANIFEST_VERSION, **{f"{s}_bytes": sum(e["bytes"] for e in splits[s]) for s in SPLITS},
+                    "sources": [src for p in parts for src in p["sources"]], "splits": splits, "parts": parts}
+        commit(out, manifest, replaced=None if append else old)
+        return manifest, True
+    except OSError as e:
+        raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
+    finally:
+        if out.is_dir():
+            remove_staged(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not match or int(match[1]) == 0:
+        raise DataError(f"--shard-size must be a positive size such as 1G, 256M or 4096 (got '{text}')")
+    return int(match[1]) * UNITS[match[2].upper()]
+
+
+def unescape(text: str) -> bytes:
+    r"""The separator as typed on a shell command line: \n, \t, \r, \0 and \\ are understood."""
+    table = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+    return re.sub(r"\\(.)", lambda m: table.get(m[1], m[0]), text).encode("utf-8")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description="Prepare a byte-level dataset for training.")
+    p.add_argument("--input", nargs="+", default=None,
+                   help="files, folders or globs; .gz/.bz2/.xz, .jsonl, .parquet (default: the text shipped with CPython)")
+    p.add_argument("--out", default="data/default", help="output folder (default: data/default)")
+    val, test = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
+    val.add_argument("--val-bytes", type=int, default=None, help="exact validation size in bytes")
+    test.add_argument("--test-fraction", type=float, default=0.0, help="fraction held out for testing (default 0)")
+    test.add_argument("--test-bytes", type=int, default=None, help="exact test size in bytes")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
+    p.add_argument("--separator", default="\\n", help="between documents (default '\\n'; '\\n\\n', '' ...)")
+    p.add_argument("--shard-size", default="1G", help="largest shard file (default 1G; K, M, G = 2^10, 2^20, 2^30)")
+    p.add_argument("--append", action="store_true", help="add this input as new shards; old shards stay as they are")
+    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines when not on a "
+                   "terminal (default 5)")
+    args = p.parse_args(argv)
+    if not 0.0 < args.val_fraction < 1.0 or not 0.0 <= args.test_fraction < 1.0 \
+            or args.val_fraction + args.test_fraction >= 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1 "
+                        f"(got {args.val_fraction} and {args.test_fraction})")
+    for name in ("val_bytes", "test_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 2 (got {getattr(args, name)})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Prepare a byte-level dataset for training.")
-    parser.add_argument("--input", nargs="+", default=None,
-                        help="files, folders or globs (default: the text shipped with CPython)")
-    parser.add_argument("--out", default="data/default", help="output folder (default: data/default)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction held out (default 0.1)")
-    args = parser.parse_args(argv)
-    try:
-        if not 0.0 < args.val_fraction < 1.0:
-            raise DataError(f"--val-fraction must be between 0 and 1 (got {args.val_fraction})")
+    def body() -> int:
+        args = parse_args(argv)
+        out, shard_size, separator = Path(args.out), parse_size(args.shard_size), unescape(args.separator)
+        progress = None
         if args.input:
-            files = expand_inputs(args.input)
-            data, sources = read_inputs(files), [str(f) for f in files]
+            files = expand_inputs(args.input, exclude=out)
+            check_inputs(files)
+            progress = Progress(sum(f.stat().st_size for f in files), f"preparing {out.name}", args.progress_every)
+            chunks, sources = joined_stream(files, separator, args.text_field, progress), [str(f) for f in files]
         else:
             data, sources = default_corpus()
-        manifest, wrote = prepare(Path(args.out), data, sources, args.val_fraction)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write to {args.out}: {e.strerror}", file=sys.stderr)
-        return 2
-    state = "wrote" if wrote else "already up to date:"
-    print(f"{state} {args.out}: {manifest['train_bytes']:,} train bytes, {manifest['val_bytes']:,} val bytes "
-          f"from {len(manifest['sources'])} source(s)")
-    return 0
+            chunks = [data]
+        try:
+            manifest, wrote = prepare(out, chunks, sources, args.val_fraction, args.test_fraction,
+                                      val_bytes=args.val_bytes, test_bytes=args.test_bytes, shard_size=shard_size,
+                                      append=args.append, reader={"separator": separator.decode(),
+                                                                  "text_field": args.text_field})
+        finally:
+            if progress is not None:
+                progress.close()
+        state = ("appended to" if args.append else "wrote") if wrote else "already up to date:"
+        shards = sum(len(v) for v in manifest["splits"].values())
+        print(f"{state} {out}: {manifest['train_bytes']:,} train, {manifest['val_bytes']:,} val, "
+              f"{manifest['test_bytes']:,} test bytes in {shards} shard(s) from {len(manifest['sources'])} source(s)")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

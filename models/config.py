@@ -94,7 +94,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/default"
-    """folder with train.bin, val.bin and manifest.json from data/prepare_dataset.py"""
+    """folder with the shards and manifest.json from data/prepare_dataset.py"""
+    verify: bool = False
+    """also check every train/val shard's sha256 at start (sizes are always checked)"""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Loss, perplexity and bits per byte of a checkpoint over a whole data split or any file.
 
     python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --split val
+    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --split test     # the held-out test split
     python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --text-file notes.txt --json out.json
     torchrun --standalone --nproc_per_node=2 scripts/evaluate.py --checkpoint checkpoints/best_model.pt
 
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Evaluate a checkpoint: loss, perplexity, bits per byte.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--split", choices=["train", "val"], default="val", help="a split of the prepared dataset")
+    source.add_argument("--split", choices=["train", "val", "test"], default="val",
+                        help="a split of the prepared dataset (test: only if prepared with --test-fraction/--test-bytes)")
     source.add_argument("--text-file", default=None, help="any file, read as raw bytes")
     p.add_argument("--data-dir", default=None, help="dataset folder for --split (default: the checkpoint's data.dir)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (per process)")

@@ -23,7 +23,7 @@ TINY_TEXT = "".join(f"{i % 7} the quick brown fox {'jumps' if i % 3 else 'leaps'
 
 
 def make_dataset(out: Path, text: str = TINY_TEXT, val_fraction: float = 0.1) -> Path:
-    prepare(out, text.encode(), ["tests"], val_fraction)
+    prepare(out, [text.encode()], ["tests"], val_fraction)
     return out
 
 

@@ -60,17 +60,15 @@ def test_batch_larger_than_data(capsys, tiny_data, tmp_path):
 
 
 def test_dataset_not_prepared(capsys, tmp_path):
-    """Training on a folder without train.bin names the command that prepares it."""
+    """Training on a folder without a manifest names the command that prepares it."""
     fails_with(capsys, train_single.main, tiny_overrides(tmp_path / "nothing", tmp_path),
                "dataset not prepared", "python data/prepare_dataset.py --out")
 
 
-def test_empty_split_file(capsys, tmp_path):
-    """An empty train.bin (e.g. a failed copy) is reported, not trained on."""
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d/train.bin").write_bytes(b"")
-    (tmp_path / "d/val.bin").write_bytes(b"xx")
-    fails_with(capsys, train_single.main, tiny_overrides(tmp_path / "d", tmp_path), "train.bin is empty")
+def test_empty_split_file(capsys, tiny_data, tmp_path):
+    """An emptied shard (e.g. a failed copy) is reported, not trained on."""
+    (tiny_data / "train-00000.bin").write_bytes(b"")
+    fails_with(capsys, train_single.main, tiny_overrides(tiny_data, tmp_path), "train-00000.bin holds 0 bytes")
 
 
 def test_missing_resume_checkpoint(capsys, tiny_data, tmp_path):

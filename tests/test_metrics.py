@@ -99,12 +99,12 @@ def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp
     proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
                       "--json", tmp_path / "m.json", check=True)
     result = json.loads((tmp_path / "m.json").read_text())
-    assert result["bytes"] == (data / "val.bin").stat().st_size - 1 and result["world_size"] == 1
+    assert result["bytes"] == (data / "val-00000.bin").stat().st_size - 1 and result["world_size"] == 1
     assert result["loss"] == pytest.approx(scalar_events(run / "logs").Scalars("val/loss")[-1].value, rel=1e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
     assert f"bits per byte {result['bits_per_byte']:.6f}" in proc.stdout
     text = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt",
-                      "--text-file", data / "val.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
+                      "--text-file", data / "val-00000.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
     assert json.loads((tmp_path / "t.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-6), text.stdout
 
 

@@ -32,7 +32,7 @@ from utils.distributed import DistInfo, broadcast_object
 from utils.errors import UserError
 from utils.precision import DTYPES
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # 2: the window order became a keyed bijection (data/order.py)
 # stable top-level keys of a checkpoint
 MODEL, OPTIMIZER, SCHEDULER, SCALER, TRAINER, RNG, CONFIG, FORMAT = (
     "model", "optimizer", "scheduler", "scaler", "trainer", "rng", "config", "format_version")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from data.dataset import BatchPlan, load_split
+from data.shards import verify_dataset
 from models.config import Config, ConfigError
 from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
@@ -155,6 +156,7 @@ def maybe_compile(model: nn.Module, cfg: Config, device: torch.device, log: Metr
 def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
     """This rank's batch plan over the training split, and the validation split."""
     t = cfg.train
+    verify_dataset(cfg.data.dir, cfg.data.verify)
     train_data, val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
     return BatchPlan(train_data, cfg.model.context_length, t.batch_size, t.grad_accum_steps, info.rank,
                      info.world_size, t.seed), val_data

@@ -1,0 +1,183 @@
+"""The prepared dataset on disk: shard files, the manifest that lists them, and checks against it.
+
+<dir>/manifest.json lists, for each split (train, val, test), shard files <split>-NNNNN.bin (raw
+bytes as uint8, at most shard_size each) with their sizes and sha256, and every part (one per
+prepare or --append run) with its sources and settings. Shards are written under hidden
+temporary names, hashed as they are written, and renamed into place only once the whole run has
+succeeded; the manifest is replaced last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from utils.errors import UserError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+SPLITS = ("train", "val", "test")
+CHUNK = 8 << 20  # bytes per read or write: large enough for disk speed, small enough for flat memory
+
+
+class DataError(UserError):
+    """The input cannot be turned into a dataset, or a dataset does not match its manifest."""
+
+
+def staged_path(out: Path, name: str) -> Path:
+    return out / f".{name}.tmp"
+
+
+def remove_staged(out: Path) -> None:
+    """Delete the temporaries of a run that did not complete."""
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """One split's bytes -> staged shards of at most shard_size bytes, each hashed as it is written."""
+
+    def __init__(self, out: Path, split: str, first_index: int, shard_size: int) -> None:
+        self.out, self.split, self.index, self.shard_size = out, split, first_index, shard_size
+        self.shards: list[dict] = []  # {"file", "bytes", "sha256"} of every closed shard
+        self._file: BinaryIO | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._file is None:
+                self._name = f"{self.split}-{self.index:05d}.bin"
+                self._file, self._hash, self._size = open(staged_path(self.out, self._name), "wb"), hashlib.sha256(), 0
+                self.index += 1
+            piece = view[: self.shard_size - self._size]
+            self._file.write(piece)
+            self._hash.update(piece)
+            self._size += len(piece)
+            view = view[len(piece):]
+            if self._size == self.shard_size:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append({"file": self._name, "bytes": self._size, "sha256": self._hash.hexdigest()})
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._close_shard()
+        return self.shards
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Sequence:
+    """Writes a stream into several writers in turn, each for its fixed number of bytes."""
+
+    def __init__(self, sinks: Iterable[tuple[ShardWriter, int]]) -> None:
+        self.targets, self.writer, self.left = iter(sinks), None, 0
+
+    def write(self, data: memoryview) -> None:
+        while data:
+            while self.left == 0:
+                self.writer, self.left = next(self.targets)
+            piece = data[: self.left]
+            self.writer.write(piece)
+            self.left -= len(piece)
+            data = data[len(piece):]
+
+
+def split_off_tail(out: Path, staged: list[dict], keep: int, sinks: list[tuple[ShardWriter, int]]) -> list[dict]:
+    """Keep the first `keep` bytes of the staged shards and stream the rest, in order, into the sinks
+    (writer, byte count). Besides the tail, only the shard holding the cut is read again (re-hashed)."""
+    kept, start, tail = [], 0, _Sequence(sinks)
+    for entry in staged:
+        path, end = staged_path(out, entry["file"]), start + entry["bytes"]
+        if end <= keep:
+            kept.append(entry)
+        else:
+            cut = max(keep - start, 0)
+            with open(path, "rb") as f:
+                f.seek(cut)
+                while chunk := f.read(CHUNK):
+                    tail.write(memoryview(chunk))
+            if cut == 0:
+                path.unlink()
+            else:
+                os.truncate(path, cut)
+                kept.append({"file": entry["file"], "bytes": cut, "sha256": file_sha256(path)})
+        start = end
+    return kept
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"dataset not prepared: {path} is missing; run `python data/prepare_dataset.py --out "
+                        f"{data_dir}` (add --input FILES for your own text)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        found = manifest.get("version") if isinstance(manifest, dict) else "unreadable"
+        raise DataError(f"{path} is not a format-{MANIFEST_VERSION} manifest (found: {found}); prepare the "
+                        f"dataset again with `python data/prepare_dataset.py --out {data_dir}` and the same --input")
+    return manifest
+
+
+def check_shards(data_dir: str | Path, manifest: dict, splits: Iterable[str], sha256: bool) -> None:
+    """Every listed shard of these splits exists with its recorded size (and sha256 if asked)."""
+    for split in splits:
+        for entry in manifest["splits"][split]:
+            path = Path(data_dir) / entry["file"]
+            if not path.is_file():
+                raise DataError(f"{path} is missing but {MANIFEST} lists it; copy the whole folder, or prepare "
+                                f"the dataset again")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise DataError(f"{path} holds {size:,} bytes but {MANIFEST} lists {entry['bytes']:,}: it changed "
+                                f"after preparation; prepare the dataset again")
+            if sha256 and file_sha256(path) != entry["sha256"]:
+                raise DataError(f"{path} does not match its sha256 in {MANIFEST}: its contents changed after "
+                                f"preparation; prepare the dataset again")
+
+
+def verify_dataset(data_dir: str | Path, sha256: bool = False) -> dict:
+    """Refuse a dataset whose train or val shards differ from the manifest (sizes always, contents
+    with sha256=True); returns the manifest. The test split is not read."""
+    manifest = read_manifest(data_dir)
+    check_shards(data_dir, manifest, ("train", "val"), sha256)
+    return manifest
+
+
+def commit(out: Path, manifest: dict, replaced: dict | None) -> None:
+    """Move this run's staged shards into place, then replace the manifest; with `replaced` (the
+    manifest this one supersedes) its shards that are no longer listed are deleted."""
+    listed = {e["file"] for split in SPLITS for e in manifest["splits"][split]}
+    for name in listed:
+        if staged_path(out, name).exists():
+            os.replace(staged_path(out, name), out / name)
+    tmp = staged_path(out, MANIFEST)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    folder = os.open(out, os.O_RDONLY)  # the renames must reach the disk too
+    os.fsync(folder)
+    os.close(folder)
+    for split in SPLITS if replaced else ():
+        for entry in replaced["splits"].get(split, []):
+            if entry["file"] not in listed:
+                (out / entry["file"]).unlink(missing_ok=True)
