@@ -12,20 +12,10 @@ Same loop, config, checkpoints and exit codes as train_single.py; train.batch_si
 
 import sys
 
-import torch.nn as nn
-
-from models.config import DistributedConfig, parse_cli, run_cli
-from utils.distributed import DistInfo, cleanup, init_distributed
+from models.config import parse_cli, run_cli
+from utils.distributed import cleanup, init_distributed
+from utils.parallel import parallelize
 from utils.trainer import run_training
-
-
-def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
-    if info.world_size == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-        static_graph=cfg.static_graph)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
         info = init_distributed(cfg.distributed, args.device)
         try:
-            return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed))
+            return run_training(cfg, info, args.resume, wrap=lambda m: parallelize(m, info, cfg.distributed, cfg.train))
         finally:
             cleanup()
 

@@ -167,9 +167,13 @@ class DistributedConfig:
     bucket_cap_mb: int = 25
     gradient_as_bucket_view: bool = True
     static_graph: bool = False
+    strategy: str = "ddp"
+    """ddp (every rank holds all weights, gradients and optimizer state) or fsdp (FSDP2: each rank
+    holds 1/world_size of them; sharded checkpoint folders)"""
 
     def __post_init__(self) -> None:
         _one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
         _check(self.timeout_s > 0, "distributed.timeout_s must be positive")
         _check(self.bucket_cap_mb > 0, "distributed.bucket_cap_mb must be positive")
 
@@ -187,6 +191,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.distributed.strategy != "fsdp" or self.train.precision != "fp16",
+               "distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded GradScaler); "
+               "use train.precision=bf16 or fp32")
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

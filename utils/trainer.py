@@ -26,10 +26,12 @@ from data.dataset import BatchPlan, load_split
 from models.config import Config, TrainConfig, UserError, config_to_dict, config_to_yaml
 from models.transformer import GPT
 from utils import checkpoint as ckpt
+from utils import sharded_checkpoint as sharded
 from utils.distributed import (DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, gather_object,
                                maybe_no_sync, unwrap)
 from utils.metrics import MetricsLogger, evaluate, flops_per_token, model_flops_utilization, peak_flops
 from utils.optim import build_optimizer, build_scheduler, lr_at
+from utils.parallel import clip_grad_norm
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume auto to continue
@@ -92,10 +94,13 @@ class Trainer:
         if diff:
             raise ckpt.CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
                                        f"resume with the same model settings")
-        if ckpt.OPTIMIZER not in state:
+        if path.is_dir():  # a sharded folder: weights and optimizer state go straight into (sharded) tensors
+            sharded.load_sharded(path, self.raw, self.optimizer)
+        elif ckpt.OPTIMIZER not in state:
             raise ckpt.CheckpointError(f"{path} holds weights only and cannot resume training")
-        ckpt.load_model_weights(self.raw, state[ckpt.MODEL], str(path))
-        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        else:
+            ckpt.load_model_weights(self.raw, state[ckpt.MODEL], str(path))
+            self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
         self.scheduler.load_state_dict(state[ckpt.SCHEDULER])
         self.scaler.load_state_dict(state[ckpt.SCALER])
         self.load_state_dict(state[ckpt.TRAINER])
@@ -108,6 +113,8 @@ class Trainer:
 
     def save(self, path: Path | None = None) -> None:
         """Collective: every rank calls it; rank 0 writes; nobody leaves before the file is complete."""
+        if self.cfg.distributed.strategy == "fsdp":
+            return self.save_sharded(path)
         state = self.checkpoint_state()
         if self.info.is_main:
             if path is None:
@@ -119,6 +126,15 @@ class Trainer:
                 ckpt.save_checkpoint(state, path)
             self.log.info(f"saved {path}")
         barrier(self.info)
+
+    def save_sharded(self, path: Path | None = None) -> None:
+        """Collective: a DCP folder (step_NNNNNNN/, or best_model/ for best_model.pt) written by every rank."""
+        extra = {k: v for k, v in self.checkpoint_state().items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)}
+        folder = sharded.step_folder(self.ckpt_dir, self.step) if path is None else path.with_suffix("")
+        sharded.save_sharded(folder, self.raw, self.optimizer, extra)
+        if self.info.is_main and path is None:
+            sharded.prune(self.ckpt_dir, self.tcfg.keep_last)
+        self.log.info(f"saved {folder}")
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, bool]:
@@ -141,7 +157,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        norm = clip_grad_norm(self.raw, clip)
         loss_value, norm_value = torch.stack([loss_sum / accum, norm.float()]).tolist()
         finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or self.scaler.is_enabled())
         if finite:
@@ -171,8 +187,11 @@ class Trainer:
                       f"perplexity {metrics['perplexity']:.2f}, after {self.train_seconds:.1f} s of training")
         self.log.scalars(self.step, {"val/loss": metrics["loss"], "val/bits_per_byte": metrics["bits_per_byte"],
                                      "val/perplexity": metrics["perplexity"]})
-        if self.info.is_main and self.tcfg.sample_tokens:
-            self.log.text("sample", self.sample_text(), self.step)
+        # FSDP: every rank takes part in each forward of the sample (all-gathers); rank 0 logs it
+        if self.tcfg.sample_tokens and (self.info.is_main or self.cfg.distributed.strategy == "fsdp"):
+            text = self.sample_text()
+            if self.info.is_main:
+                self.log.text("sample", text, self.step)
         return metrics
 
     def sample_text(self) -> str:
@@ -331,18 +350,22 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
     # decide on rank 0 what to resume from, so every rank loads the same file
     decision = None
     if info.is_main:
-        if resume == "auto":
+        if resume == "auto" and cfg.distributed.strategy == "fsdp":
+            found = sharded.latest_complete(ckpt_dir)
+            decision = str(found) if found else None
+        elif resume == "auto":
             found = ckpt.latest_valid(ckpt_dir)
             decision = str(found[0]) if found else None
         elif resume:
             decision = resume
-        elif any(ckpt_dir.glob("step_*.pt")):
+        elif any(ckpt_dir.glob("step_*")):
             decision = UserError(f"{ckpt_dir} already holds checkpoints of a run; continue it with --resume auto, "
                                  f"or start a new run with paths.checkpoint_dir=NEW_DIR (nothing was overwritten)")
     decision = broadcast_object(decision, info)
     if isinstance(decision, UserError):
         raise decision
-    resume_state = ckpt.load_checkpoint(decision) if decision else None
+    resume_state = None if not decision else sharded.read_extra(decision) if Path(decision).is_dir() \
+        else ckpt.load_checkpoint(decision)
 
     plan, val_data = load_data(cfg, info)
     t = cfg.train
@@ -352,6 +375,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
         model = trainer.raw
         if info.is_main:
             ckpt.remove_stale_temporaries(ckpt_dir)
+            sharded.remove_stale_temporaries(ckpt_dir)
             (ckpt_dir / "config.yaml").write_text(config_to_yaml(cfg))
         logger.info(config_to_yaml(cfg).rstrip())
         logger.info(f"python {platform.python_version()} | torch {torch.__version__} | cuda {torch.version.cuda} | "
