@@ -104,9 +104,9 @@ def test_fsdp_accumulation_matches_one_large_batch(runs):
 def test_crash_during_sharded_save_keeps_previous_checkpoint(runs):
     """SIGKILL after every shard and .metadata of step 6 are written: step 3 stays the newest valid folder."""
     listing = (runs / "crash_listing.txt").read_text().split()
-    assert ".step_0000006.tmp" in listing and "step_0000006" not in listing and "step_0000003" in listing
+    assert ".step_0000006.partial" in listing and "step_0000006" not in listing and "step_0000003" in listing
     assert (runs / "crash_latest.txt").read_text() == str(runs / "crash/ckpt/step_0000003")
-    assert not list((runs / "crash/ckpt").glob(".*.tmp"))  # the resumed run removed the half-published folder
+    assert not list((runs / "crash/ckpt").glob(".*.partial"))  # the resumed run removed the half-published folder
 
 
 @pytest.mark.slow
