@@ -69,9 +69,15 @@ def losses(runs: Path, name: str) -> dict[int, float]:
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest ||a - b|| / ||b|| over the tensors."""
+    """||a - b|| / ||b|| over all weights together, after checking no single weight is off by 1e-6.
+
+    Not per tensor: the attention key bias has a zero gradient in exact arithmetic (softmax ignores
+    it), so AdamW turns rounding noise into full-size steps there, in DDP as much as in FSDP.
+    """
     assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    flat_a, flat_b = (torch.cat([w[k].flatten() for k in sorted(a)]) for w in (a, b))
+    return ((flat_a - flat_b).norm() / flat_b.norm()).item()
 
 
 def assert_same_curve(a: dict[int, float], b: dict[int, float], steps=range(1, STEPS + 1)) -> None:
