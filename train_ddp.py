@@ -1,4 +1,4 @@
-"""Train with DistributedDataParallel: one process per GPU (or CPU process with gloo).
+"""Train data-parallel, DDP or (distributed.strategy=fsdp) FSDP2: one process per GPU (or CPU process with gloo).
 
     torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/default_config.yaml
     # two nodes, run on each (c10d rendezvous on the first node):
@@ -6,6 +6,7 @@
         --rdzv_endpoint=node0:29500 train_ddp.py --config configs/default_config.yaml
     sbatch scripts/train_8gpu.sh                        # SLURM; see the README
     torchrun --standalone --nproc_per_node=2 train_ddp.py --device cpu train.batch_size=4   # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 train_ddp.py distributed.strategy=fsdp       # FSDP2 (utils/parallel.py)
 
 Same loop, config, checkpoints and exit codes as train_single.py; train.batch_size is per process.
 """
