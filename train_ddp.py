@@ -1,4 +1,4 @@
-"""Train with DistributedDataParallel: one process per GPU (or CPU process with gloo).
+"""Train data-parallel, DDP or (distributed.strategy=fsdp) FSDP2: one process per GPU (or CPU process with gloo).
 
     torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/default_config.yaml
     # two nodes, run on each (c10d rendezvous on the first node):
@@ -6,35 +6,25 @@
         --rdzv_endpoint=node0:29500 train_ddp.py --config configs/default_config.yaml
     sbatch scripts/train_8gpu.sh                        # SLURM; see the README
     torchrun --standalone --nproc_per_node=2 train_ddp.py --device cpu train.batch_size=4   # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 train_ddp.py distributed.strategy=fsdp       # FSDP2 (utils/parallel.py)
 
 Same loop, config, checkpoints and exit codes as train_single.py; train.batch_size is per process.
 """
 
 import sys
 
-import torch.nn as nn
-
-from models.config import DistributedConfig
 from models.config_loader import parse_cli
-from utils.distributed import DistInfo, process_group
+from utils.distributed import process_group
 from utils.errors import run_cli
+from utils.parallel import parallelize
 from utils.run import run_name, run_training
-
-
-def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
-    if info.world_size == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-        static_graph=cfg.static_graph)
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
         with process_group(cfg.distributed, args.device) as info:
-            return run_training(cfg, info, args.resume, wrap=lambda m: ddp_wrap(m, info, cfg.distributed),
+            return run_training(cfg, info, args.resume, wrap=lambda m: parallelize(m, info, cfg.distributed, cfg.train),
                                 run_name=run_name(args.config))
 
     return run_cli(body)

@@ -228,9 +228,13 @@ class DistributedConfig:
     bucket_cap_mb: int = 25
     gradient_as_bucket_view: bool = True
     static_graph: bool = False
+    strategy: str = "ddp"
+    """ddp (every rank holds all weights, gradients and optimizer state) or fsdp (FSDP2: each rank
+    holds 1/world_size of them; sharded checkpoint folders)"""
 
     def __post_init__(self) -> None:
         _one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
         _positive("distributed", self, "timeout_s", "bucket_cap_mb")
 
 
@@ -249,3 +253,6 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.schedule.min_lr <= self.optim.lr,
                f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}")
+        _check(self.distributed.strategy != "fsdp" or self.train.precision != "fp16",
+               "distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded GradScaler); "
+               "use train.precision=bf16 or fp32")

@@ -38,10 +38,10 @@ import torch.nn as nn  # noqa: E402
 
 from models.config import Config, ConfigError  # noqa: E402
 from models.config_loader import load_config  # noqa: E402
-from utils.errors import ArgumentParser, run_cli  # noqa: E402
-from train_ddp import ddp_wrap  # noqa: E402
 from utils.distributed import DistInfo, gather_object, process_group  # noqa: E402
+from utils.errors import ArgumentParser, run_cli  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
+from utils.parallel import parallelize  # noqa: E402
 from utils.run import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
@@ -70,6 +70,18 @@ def peak_memory_mib(device: torch.device) -> float:
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
+def local_state_mib(trainer) -> float:
+    """Bytes this process holds in parameters, gradients and optimizer state (its shards under FSDP)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = {id(p): local(p) for p in trainer.raw.parameters()}  # a tied weight counts once
+    states = [local(v) for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    # each gradient is the size of its parameter (zero_grad frees them between steps, so count from those)
+    return (2 * sum(p.numel() * p.element_size() for p in params.values())
+            + sum(v.numel() * v.element_size() for v in states)) / 2 ** 20
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,7 +90,7 @@ def synchronize(device: torch.device) -> None:
 def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
     """Warm up, then time `steps` optimizer steps of Trainer.train_step on this process."""
     t = cfg.train
-    wrap = (lambda m: ddp_wrap(m, info, cfg.distributed)) if info.world_size > 1 else None
+    wrap = (lambda m: parallelize(m, info, cfg.distributed, t)) if info.world_size > 1 else None
     with tempfile.TemporaryDirectory() as log_dir:
         logger = MetricsLogger(log_dir, info.is_main)
         try:
@@ -93,6 +105,7 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
                 trainer.train_step()
                 synchronize(info.device)
                 times.append(time.perf_counter() - t0)
+            state_mib = local_state_mib(trainer)
         finally:
             logger.close()
     inner = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model
@@ -111,7 +124,8 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
         "ms_per_step": round(step_s * 1e3, 2), "ms_per_step_mean": round(statistics.fmean(times) * 1e3, 2),
         "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": trainer.flops_per_token,
         "flops_basis": FLOPS_BASIS, "peak_flops": peak, "peak_source": peak_source,
-        "mfu": mfu, "peak_memory_mib": round(peak_memory_mib(info.device), 1),
+        "mfu": mfu, "peak_memory_mib": round(peak_memory_mib(info.device), 1), "strategy": cfg.distributed.strategy,
+        "state_mib": round(state_mib, 1),
         "loadavg_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -157,6 +171,8 @@ def single(cfg: Config, args: argparse.Namespace) -> int:
                   "ms_per_step": round(statistics.fmean(r["ms_per_step"] for r in results), 2),
                   "mfu": None if None in mfus else statistics.fmean(mfus),
                   "peak_memory_mib": max(r["peak_memory_mib"] for r in results),
+                  "peak_memory_mib_per_rank": [r["peak_memory_mib"] for r in results],
+                  "state_mib_per_rank": [r["state_mib"] for r in results],
                   "baseline_tokens_per_sec": baseline,
                   # GPUs: each process adds a device, so 1.0 is perfect; CPU processes share the cores
                   "scaling_efficiency": round(per_process / baseline, 4) if baseline else None,

@@ -38,7 +38,8 @@ MODEL, OPTIMIZER, SCHEDULER, SCALER, TRAINER, RNG, CONFIG, FORMAT = (
     "model", "optimizer", "scheduler", "scaler", "trainer", "rng", "config", "format_version")
 REQUIRED = (MODEL, CONFIG, FORMAT)
 STEP_FILE = re.compile(r"step_(\d{7,})\.pt")
-LAST, BEST, CONFIG_FILE = "last_checkpoint.pt", "best_model.pt", "config.yaml"
+STEP_DIR = re.compile(r"step_(\d{7,})")
+LAST, BEST, BEST_DIR, CONFIG_FILE = "last_checkpoint.pt", "best_model.pt", "best_model", "config.yaml"
 
 
 class CheckpointError(UserError):
@@ -155,14 +156,16 @@ class Checkpointer:
     failure is raised on every rank, so no rank waits for a file that will never come.
     """
 
-    def __init__(self, directory: str | Path, keep_last: int, info: DistInfo) -> None:
+    def __init__(self, directory: str | Path, keep_last: int, info: DistInfo, sharded: bool = False) -> None:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
+        self.sharded = sharded  # FSDP: one DCP folder per save (utils/sharded_checkpoint.py), written by every rank
 
     def step_files(self) -> list[tuple[int, Path]]:
-        """(step, path) of every step_NNNNNNN.pt, oldest first."""
+        """(step, path) of every step_NNNNNNN.pt (or, sharded, every step_NNNNNNN/ folder), oldest first."""
         if not self.dir.is_dir():
             return []
-        found = ((STEP_FILE.fullmatch(p.name), p) for p in self.dir.iterdir())
+        pattern = STEP_DIR if self.sharded else STEP_FILE
+        found = ((pattern.fullmatch(p.name), p) for p in self.dir.iterdir())
         return sorted((int(m.group(1)), p) for m, p in found if m)
 
     def run_files(self) -> list[Path]:
@@ -170,7 +173,7 @@ class Checkpointer:
         if not self.dir.is_dir():
             return []
         return sorted(p for p in self.dir.iterdir()
-                      if p.name in (LAST, BEST, CONFIG_FILE) or p.name.startswith("step_"))
+                      if p.name in (LAST, BEST, BEST_DIR, CONFIG_FILE) or p.name.startswith("step_"))
 
     def _refuse(self, why: str, files: list[Path]) -> CheckpointError:
         names = ", ".join(p.name for p in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
@@ -194,7 +197,7 @@ class Checkpointer:
                                    "overwrite; move them away or use checkpoint.dir=NEW_DIR", leftovers)
             return None
         path = Path(resume)
-        state = load_checkpoint(path)
+        state = self.load(path)
         step = state.get(TRAINER, {}).get("step", 0)
         if path.resolve().parent != self.dir.resolve():
             if present:
@@ -211,7 +214,7 @@ class Checkpointer:
         """The loadable checkpoint of the highest step: a step file, or last_checkpoint.pt when it
         is newer than every loadable step file (its step file lost)."""
         last = None
-        if (self.dir / LAST).is_file():
+        if not self.sharded and (self.dir / LAST).is_file():
             try:
                 last = self.dir / LAST, load_checkpoint(self.dir / LAST)
             except CheckpointError as e:
@@ -221,10 +224,32 @@ class Checkpointer:
             if step < last_step:
                 break
             try:
-                return path, load_checkpoint(path)
+                return path, self.load(path)
             except CheckpointError as e:
                 warn(f"warning: skipping {e}")
         return last
+
+    def load(self, path: Path) -> dict:
+        """A checkpoint's state; for a sharded folder, everything but the tensors (restore() loads those)."""
+        if path.is_dir():
+            from utils import sharded_checkpoint  # imports this module's format constants
+
+            if not sharded_checkpoint.is_complete(path):
+                raise CheckpointError(f"{path} is not a complete sharded checkpoint (no .metadata or extra.pt)")
+            return sharded_checkpoint.read_extra(path)
+        return load_checkpoint(path)
+
+    def restore(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Collective for a sharded folder: weights and optimizer state into a (possibly sharded) model."""
+        if path.is_dir():
+            from utils import sharded_checkpoint
+
+            sharded_checkpoint.load_sharded(path, model, optimizer)
+            return
+        if OPTIMIZER not in state:
+            raise CheckpointError(f"{path} holds weights only and cannot resume training")
+        load_model_weights(model, state[MODEL], str(path))
+        optimizer.load_state_dict(state[OPTIMIZER])
 
     def accept(self, config_yaml: str) -> None:
         """The run passed every check: create the folder, clear dead temporaries, record the config."""
@@ -232,6 +257,9 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             for tmp in self.dir.glob(".*.tmp"):  # left by a process killed mid-save; never complete
                 tmp.unlink(missing_ok=True)
+            from utils import sharded_checkpoint
+
+            sharded_checkpoint.remove_stale_temporaries(self.dir)
             atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
 
     def _collective(self, write: Callable[[], Path]) -> Path:
@@ -246,25 +274,46 @@ class Checkpointer:
             raise CheckpointError(error)
         return path or self.dir
 
-    def save(self, state: dict, step: int) -> Path:
-        """Collective: write step_N, verify it, point last_checkpoint.pt at it, prune older ones."""
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, step: int) -> Path:
+        """Collective: write step N, verify it, point last_checkpoint.pt at it, prune older ones."""
+        if self.sharded:
+            return self._save_sharded(self.dir / f"step_{step:07d}", model, optimizer, extra, step)
+        state = {MODEL: model.state_dict(), OPTIMIZER: optimizer.state_dict(), **extra}
         return self._collective(lambda: self._save_step(state, step))
 
-    def save_best(self, state: dict) -> Path:
-        """Collective: replace best_model.pt."""
+    def save_best(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+        """Collective: replace best_model.pt (sharded: best_model/)."""
+        if self.sharded:
+            return self._save_sharded(self.dir / BEST_DIR, model, optimizer, extra, None)
+        state = {MODEL: model.state_dict(), OPTIMIZER: optimizer.state_dict(), **extra}
+
         def write() -> Path:
             save_checkpoint(state, self.dir / BEST)
             return self.dir / BEST
         return self._collective(write)
+
+    def _save_sharded(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
+                      step: int | None) -> Path:
+        from utils import sharded_checkpoint
+
+        sharded_checkpoint.save_sharded(folder, model, optimizer, extra)  # published whole, or not at all
+        if step is not None:
+            self._collective(lambda: self._prune(step))
+        return folder
+
+    def _prune(self, step: int) -> Path:
+        """Remove step checkpoints older than `step` (just written and verified) beyond keep_last."""
+        older = [p for s, p in self.step_files() if s < step]
+        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return self.dir
 
     def _save_step(self, state: dict, step: int) -> Path:
         path = self.dir / f"step_{step:07d}.pt"
         save_checkpoint(state, path)
         load_checkpoint(path, mmap=True)  # verified before anything older may go
         self._link_last(path)
-        older = [p for s, p in self.step_files() if s < step]
-        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
-            old.unlink()
+        self._prune(step)
         return path
 
     def _link_last(self, src: Path) -> None:

@@ -135,7 +135,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager:
-    """Skip DDP's gradient all-reduce on all but the last micro-step; DDP syncs on that one."""
-    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+    """Skip the gradient reduction on all but the last micro-step: DDP's all-reduce (no_sync), or
+    FSDP2's reduce-scatter (set_requires_gradient_sync; gradients then accumulate unsharded)."""
+    if sync:
         return nullcontext()
-    return model.no_sync()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule (utils/parallel.py)
+        return _fsdp_no_sync(model)
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

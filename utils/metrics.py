@@ -39,12 +39,18 @@ def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of losses, count)
     mine = list(range(info.rank, n_windows, info.world_size))
-    for i in range(0, len(mine), batch_size):
-        starts = np.array(mine[i:i + batch_size]) * T
+    # the same number of forwards on every rank: under FSDP each one is a collective (all-gather);
+    # a rank out of windows runs window 0 with every target masked
+    n_batches = math.ceil(math.ceil(n_windows / info.world_size) / batch_size)
+    for i in range(0, n_batches * batch_size, batch_size):
+        chunk = mine[i:i + batch_size]
+        starts = np.array(chunk or [0]) * T
         idx = np.minimum(starts[:, None] + np.arange(T + 1), len(data) - 1)
         windows = torch.from_numpy(data[idx].astype(np.int64)).to(info.device)
         x, y = windows[:, :-1], windows[:, 1:].clone()
         y[torch.from_numpy(starts[:, None] + np.arange(1, T + 1) > n_targets).to(info.device)] = -1
+        if not chunk:
+            y[:] = -1
         with autocast or nullcontext():
             logits, _ = model(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,

@@ -49,6 +49,25 @@ def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
     return X.mT if tall else X
 
 
+def orthogonalised(G: Tensor, steps: int) -> Tensor:
+    """newton_schulz of the whole matrix, also when G is an FSDP shard (a DTensor).
+
+    Orthogonalisation needs the full matrix, so a shard is gathered first; every rank then holds
+    the same full update and keeps only its own shard of it.
+    """
+    if not hasattr(G, "full_tensor"):
+        return newton_schulz(G, steps)
+    try:  # torch 2.5+
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:
+        from torch.distributed._tensor import distribute_tensor
+    full = newton_schulz(G.full_tensor(), steps)
+    try:  # torch 2.7+: each rank slices its own copy, no scatter from rank 0
+        return distribute_tensor(full, G.device_mesh, G.placements, src_data_rank=None)
+    except TypeError:
+        return distribute_tensor(full, G.device_mesh, G.placements)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for param groups with muon=True, AdamW for the others."""
 
@@ -74,7 +93,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.lerp(buf, group["momentum"])  # Nesterov
                     # scale so the update's RMS does not shrink for tall matrices
                     scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                    p.add_(newton_schulz(g, group["ns_steps"]).to(p.dtype), alpha=-lr * scale)
+                    p.add_(orthogonalised(g, group["ns_steps"]).to(p.dtype), alpha=-lr * scale)
                 else:
                     if not state:
                         state.update(step=torch.zeros((), dtype=torch.float32),

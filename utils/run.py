@@ -64,6 +64,10 @@ def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
         raise ConfigError(f"the ranks disagree on {shown}; start every rank with the same config, overrides and data")
 
 
+def checkpointer_for(cfg: Config, info: DistInfo) -> Checkpointer:
+    return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.strategy == "fsdp")
+
+
 def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo) -> tuple[str, dict] | None:
     """Rank 0 decides fresh/resume/refuse, so every rank loads the same file (or fails alike)."""
     decision: str | UserError | None = None
@@ -76,7 +80,7 @@ def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo
     decision = broadcast_object(decision, info)
     if isinstance(decision, UserError):
         raise decision
-    return (decision, ckpt.load_checkpoint(decision)) if decision else None
+    return (decision, checkpointer.load(Path(decision))) if decision else None
 
 
 def check_fits(cfg: Config, path: str, state: dict) -> None:
@@ -86,8 +90,6 @@ def check_fits(cfg: Config, path: str, state: dict) -> None:
     if diff:
         raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
                               f"resume with the same model settings")
-    if ckpt.OPTIMIZER not in state:
-        raise CheckpointError(f"{path} holds weights only and cannot resume training")
 
 
 def check_memory(cfg: Config, info: DistInfo) -> int:
@@ -186,8 +188,8 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
                    scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, t.max_steps),
                    scaler=grad_scaler(info.device, t.precision), autocast=autocast, plan=plan,
                    validator=Validator(model_for_training, val_data, cfg.model.context_length, t.batch_size,
-                                       cfg.eval, info, autocast),
-                   checkpointer=Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info),
+                                       cfg.eval, info, autocast, sharded=cfg.distributed.strategy == "fsdp"),
+                   checkpointer=checkpointer_for(cfg, info),
                    logger=logger, meter=meter, stop=stop or StopFlag(), info=info, cfg=t,
                    eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, run_config=config_to_dict(cfg))
 
@@ -220,7 +222,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
                  run_name: str = "run") -> int:
     """Check, then build everything from the config and train; returns the process exit code."""
     check_ranks_agree(cfg, info)
-    checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info)
+    checkpointer = checkpointer_for(cfg, info)
     resumed = decide_resume(checkpointer, resume, info)
     if resumed:
         check_fits(cfg, *resumed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ from utils.checkpoint import Checkpointer
 from utils.distributed import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
 from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from utils.metrics import MetricsLogger, ThroughputMeter, format_seconds
+from utils.parallel import clip_grad_norm
 from utils.stopping import StopFlag
 from utils.validation import Validator
 
@@ -64,17 +66,16 @@ class Trainer:
         self.nonfinite_streak, self.skipped_steps = state["nonfinite_streak"], state["skipped_steps"]
         self.meter.train_seconds = state["train_seconds"]
 
-    def checkpoint_state(self) -> dict:
-        """Everything needed to continue exactly; collective (every rank contributes its RNG)."""
-        return {ckpt.MODEL: self.raw.state_dict(), ckpt.OPTIMIZER: self.optimizer.state_dict(),
-                ckpt.SCHEDULER: self.scheduler.state_dict(), ckpt.SCALER: self.scaler.state_dict(),
+    def extra_state(self) -> dict:
+        """Everything but the weights and optimizer state needed to continue exactly; collective
+        (every rank contributes its RNG)."""
+        return {ckpt.SCHEDULER: self.scheduler.state_dict(), ckpt.SCALER: self.scaler.state_dict(),
                 ckpt.TRAINER: self.state_dict(), ckpt.RNG: gather_object(ckpt.rng_state(), self.info),
                 ckpt.CONFIG: self.run_config, ckpt.FORMAT: ckpt.FORMAT_VERSION}
 
     def restore(self, state: dict, source: str) -> None:
         """Continue from a loaded checkpoint (already checked to fit this run)."""
-        ckpt.load_model_weights(self.raw, state[ckpt.MODEL], source)
-        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        self.checkpointer.restore(Path(source), state, self.raw, self.optimizer)
         self.scheduler.load_state_dict(state[ckpt.SCHEDULER])
         self.scaler.load_state_dict(state[ckpt.SCALER])
         self.load_state_dict(state[ckpt.TRAINER])
@@ -106,7 +107,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        norm = clip_grad_norm(self.raw, clip)
         loss_value, norm_value = torch.stack([loss_sum / accum, norm.float()]).tolist()
         finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or self.scaler.is_enabled())
         applied = False
@@ -149,15 +150,15 @@ class Trainer:
                       f"perplexity {metrics['perplexity']:.2f}, after {self.meter.train_seconds:.1f} s of training")
         self.log.scalars(self.step, {"val/loss": metrics["loss"], "val/bits_per_byte": metrics["bits_per_byte"],
                                      "val/perplexity": metrics["perplexity"]})
-        if self.info.is_main and self.validator.cfg.sample_tokens:
+        if self.validator.cfg.sample_tokens:
             self.log.text("sample", self.validator.sample(), self.step)
         if metrics["loss"] < self.best_val_loss:
             self.best_val_loss = metrics["loss"]
-            self.log.info(f"saved {self.checkpointer.save_best(self.checkpoint_state())}")
+            self.log.info(f"saved {self.checkpointer.save_best(self.raw, self.optimizer, self.extra_state())}")
         return metrics
 
     def save(self) -> None:
-        self.log.info(f"saved {self.checkpointer.save(self.checkpoint_state(), self.step)}")
+        self.log.info(f"saved {self.checkpointer.save(self.raw, self.optimizer, self.extra_state(), self.step)}")
 
     def stop_reason(self) -> str | None:
         """Why to stop after this step, the same on every rank; None to go on. Collective."""

@@ -17,8 +17,9 @@ from utils.metrics import evaluate
 
 class Validator:
     def __init__(self, model: nn.Module, val_data: np.ndarray, context_length: int, batch_size: int,
-                 cfg: EvalConfig, info: DistInfo, autocast: AbstractContextManager) -> None:
+                 cfg: EvalConfig, info: DistInfo, autocast: AbstractContextManager, sharded: bool = False) -> None:
         self.model, self.raw, self.cfg, self.info, self.autocast = model, unwrap(model), cfg, info, autocast
+        self.sharded = sharded
         self.data = self.check_feasible(val_data, cfg)
         self.context_length, self.batch_size = context_length, batch_size
 
@@ -37,7 +38,12 @@ class Validator:
         return evaluate(self.model, self.data, self.context_length, self.batch_size, self.info, self.autocast)
 
     def sample(self) -> str:
-        """A fixed-seed sample from eval.sample_prompt; its own generator leaves training RNG untouched."""
+        """A fixed-seed sample from eval.sample_prompt; its own generator leaves training RNG untouched.
+
+        Collective under FSDP (each forward all-gathers the weights), so every rank generates it;
+        elsewhere only rank 0 does the work and the others return ""."""
+        if not (self.info.is_main or self.sharded):
+            return ""
         g = torch.Generator(device=self.info.device).manual_seed(0)
         prompt = torch.tensor([list(self.cfg.sample_prompt.encode())], device=self.info.device)
         was_training = self.raw.training

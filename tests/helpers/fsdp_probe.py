@@ -1,0 +1,58 @@
+"""train_ddp.py with optional test probes for the FSDP tests, switched on by environment variables.
+
+    LOGITS_OUT=FILE     after training, the trained (still sharded) model's logits on a fixed input
+                        are saved to FILE by rank 0; every rank takes part in the forward
+    KILL_AT_STEP=N      rank 0 SIGKILLs itself while saving step N: after every shard, DCP's
+                        .metadata and extra.pt are written, just before the folder is renamed
+
+The probes wrap functions from outside, so the product code carries no test hooks.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+import train_ddp  # noqa: E402
+from utils import sharded_checkpoint  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+PROBE_INPUT = torch.arange(32)[None] * 7 % 256  # (1, 32) bytes
+
+
+def save_logits(out: Path) -> None:
+    fit = Trainer.fit
+
+    def fit_then_logits(self: Trainer) -> int:
+        code = fit(self)
+        self.model.eval()
+        with torch.no_grad():
+            logits, _ = self.model(PROBE_INPUT.to(self.info.device))
+        if self.info.is_main:
+            torch.save(logits, out)
+        return code
+
+    Trainer.fit = fit_then_logits
+
+
+def kill_at(step: int) -> None:
+    publish = sharded_checkpoint._publish
+
+    def die_before_publish(tmp: Path, folder: Path) -> None:
+        if folder.name == f"step_{step:07d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, folder)
+
+    sharded_checkpoint._publish = die_before_publish
+
+
+if __name__ == "__main__":
+    if "LOGITS_OUT" in os.environ:
+        save_logits(Path(os.environ["LOGITS_OUT"]))
+    if "KILL_AT_STEP" in os.environ:
+        kill_at(int(os.environ["KILL_AT_STEP"]))
+    sys.exit(train_ddp.main())

@@ -1,0 +1,71 @@
+"""Parallelism applied from outside the model (torchtitan's `parallelize`): DDP or FSDP2, by
+`distributed.strategy`, plus the gradient-norm helper that works on both.
+
+The model stays a plain GPT. DDP wraps it; FSDP2 (`fully_shard`) shards each block and then the
+root (embeddings, final norm, head) in place, so parameter names and `unwrap` are unchanged and
+the optimizer is built on the sharded (DTensor) parameters afterwards. With one process FSDP has
+nothing to shard: the model stays as it is and only the checkpoint format differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.config import DistributedConfig, TrainConfig
+from utils.distributed import DistInfo, unwrap
+
+try:  # torch 2.6+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 / 2.5
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
+    if info.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        static_graph=cfg.static_graph)
+
+
+def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module:
+    """Shard every block, then the root. Returns the plain (now sharded) model.
+
+    Activation checkpointing is the model's own per-block `checkpoint(block, ...)`, which
+    composes with the block's FSDP hooks (the recompute all-gathers the block again). A model
+    compiled whole by the trainer is recompiled per block (`Module.compile`, which keeps the
+    parameter names): FSDP's hooks then stay outside every compiled region, as torchtitan does.
+    fp16 is refused in the config (FSDP2 has no sharded GradScaler).
+    """
+    raw = unwrap(model)
+    if info.world_size == 1:
+        return model
+    compiled = raw is not model
+    # bf16: compute in bf16, reduce-scatter gradients in fp32 so the sum over ranks loses nothing
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if train.precision == "bf16" else MixedPrecisionPolicy()
+    for block in raw.blocks:
+        if compiled:
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(raw, mp_policy=mp)
+    return raw
+
+
+def parallelize(model: nn.Module, info: DistInfo, cfg: DistributedConfig, train: TrainConfig) -> nn.Module:
+    """The model as distributed.strategy wants it for training on info.world_size processes."""
+    if cfg.strategy == "fsdp":
+        return fsdp_wrap(model, info, train)
+    return ddp_wrap(model, info, cfg)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over every parameter; the total norm as a plain tensor.
+
+    Under FSDP the gradients are DTensor shards: clip_grad_norm_ reduces the norm over ranks and
+    returns a replicated DTensor, which full_tensor() turns into an ordinary tensor.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
