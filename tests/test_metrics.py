@@ -1,15 +1,20 @@
 """Evaluation (loss, perplexity, bits per byte over every byte, once), scripts/evaluate.py on 1 and
-2 processes, and what training writes to TensorBoard, read back with TensorBoard's own reader."""
+2 processes, what training writes to TensorBoard (read back with TensorBoard's own reader) and to
+metrics.jsonl, and the optional Weights & Biases run (offline, read back from its files)."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import ROOT, child_env, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
 from models.config import ModelConfig
 from models.transformer import GPT
 from utils.distributed import DistInfo
@@ -91,6 +96,48 @@ def test_tensorboard_events_hold_scalars_text_samples_and_hparams(single_run):
     assert metrics == {"hparam/val_loss", "hparam/best_val_loss"}
     (final,) = acc.Scalars("hparam/val_loss")
     assert final.value == pytest.approx(acc.Scalars("val/loss")[-1].value)
+
+
+def jsonl_rows(log_dir):
+    (path,) = log_dir.glob("train_*.metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_what_tensorboard_holds(single_run):
+    """One JSON line per logged step and per evaluation, with TensorBoard's scalars, steps and wall times."""
+    _, run = single_run
+    rows = jsonl_rows(run / "logs")
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6, 6]  # log_every=1, evaluations at 3 and 6
+    acc = scalar_events(run / "logs")
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("hparam/")]
+    assert {"train/loss", "train/seconds", "val/loss", "val/bits_per_byte"} <= set(tags)
+    for tag in tags:
+        events = acc.Scalars(tag)
+        logged = [r for r in rows if tag in r]
+        assert [r["step"] for r in logged] == [e.step for e in events], tag
+        for r, e in zip(logged, events):
+            # TensorBoard stores float32; JSON has no NaN, so an unknown MFU is null
+            assert (r[tag] is None and math.isnan(e.value)) or r[tag] == pytest.approx(e.value, rel=1e-6), tag
+            assert r["wall_time"] == pytest.approx(e.wall_time, abs=1.0)
+
+
+def test_metrics_jsonl_is_valid_to_its_last_line_after_a_kill(tiny_data, tmp_path):
+    """Lines are flushed as they are written: SIGKILL mid-run leaves every line complete and parseable."""
+    cmd = [sys.executable, "train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=5000,
+                                                              train__eval_every=0, train__save_every=0)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env(), start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):  # printed after step 3's metrics were written
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    rows = jsonl_rows(tmp_path / "logs")
+    assert [r["step"] for r in rows[:3]] == [1, 2, 3] and all("train/loss" in r for r in rows)
 
 
 def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):

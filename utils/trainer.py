@@ -215,7 +215,8 @@ class Trainer:
                 lr = lr_at(self.step - 1, t)  # the rate the last step used
                 self.log.scalars(self.step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": norm,
                                              "train/tokens_per_sec": tok_s, "train/mfu": mfu,
-                                             "train/skipped_steps": self.skipped_steps})
+                                             "train/skipped_steps": self.skipped_steps,
+                                             "train/seconds": self.train_seconds})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 self.log.info(f"step {self.step}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
                               f"{norm:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%} | skipped {self.skipped_steps}")
@@ -346,7 +347,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
 
     plan, val_data = load_data(cfg, info)
     t = cfg.train
-    logger = MetricsLogger(log_dir, info.is_main)
+    logger = MetricsLogger(log_dir, info.is_main, logging=cfg.logging, config=config_to_dict(cfg))
     try:
         trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
         model = trainer.raw
