@@ -40,6 +40,7 @@ from models.config import Config, ConfigError, load_config, run_cli  # noqa: E40
 from train_ddp import ddp_wrap  # noqa: E402
 from utils.distributed import DistInfo, cleanup, gather_object, init_distributed  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
+from utils.progress import progress  # noqa: E402
 from utils.trainer import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
@@ -82,8 +83,10 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
         try:
             plan, val_data = load_data(cfg, info)
             trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
+            bar = progress(warmup + steps, "benchmark", unit="step", enabled=info.is_main)
             for _ in range(warmup):
                 trainer.train_step()
+                bar.update()
             times = []
             for _ in range(steps):
                 synchronize(info.device)
@@ -91,6 +94,8 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
                 trainer.train_step()
                 synchronize(info.device)
                 times.append(time.perf_counter() - t0)
+                bar.update()  # outside the timed span
+            bar.close()
         finally:
             logger.close()
     inner = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model

@@ -5,7 +5,6 @@ next to the text log, and optionally Weights & Biases. MetricsLogger owns one of
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 import math
 import time
@@ -37,9 +36,13 @@ class JsonlSink:
 
 def require_wandb(cfg: LoggingConfig) -> None:
     """Refuse to start a run that asks for W&B when the package is missing (every rank checks, so all stop)."""
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+    if not cfg.wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
         raise UserError(f"logging.wandb=true needs the wandb package: {WANDB_INSTALL} "
-                        f"(or set logging.wandb=false)")
+                        f"(or set logging.wandb=false)") from None
 
 
 class WandbSink:
