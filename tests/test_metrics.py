@@ -177,8 +177,9 @@ def test_wandb_offline_run_holds_the_scalars_config_and_samples(single_run, tmp_
             for item in record.history.item:
                 history.setdefault(item.key or "/".join(item.nested_key), []).append(
                     (record.history.step.num, json.loads(item.value_json)))
-        elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind in ("run", "config"):  # the config comes with the run record, later changes as config records
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in items})
     assert config["model"]["dim"] == 32 and config["train"]["max_steps"] == 6 and config["logging"]["wandb"]
     acc = scalar_events(tmp_path / "logs")
     for tag in ("train/loss", "train/lr", "val/loss", "val/bits_per_byte"):
