@@ -217,9 +217,13 @@ def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp
 
 def run_on_pty(args: list, env: dict) -> str:
     """Run `python args` with stdout and stderr on a pseudo-terminal; everything it wrote there."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 columns wide
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=slave, stderr=slave, env=env,
                             start_new_session=True)
     os.close(slave)
