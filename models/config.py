@@ -239,6 +239,21 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = False
+    """also send the scalars, the config and the text samples to Weights & Biases (pip install wandb)"""
+    wandb_project: str = "bytegpt"
+    wandb_name: str = ""
+    """the run's name in W&B; empty = the run name of its log file"""
+    wandb_mode: str = ""
+    """online, offline (upload later with `wandb sync`) or disabled; empty = WANDB_MODE, else online"""
+
+    def __post_init__(self) -> None:
+        _check(self.dir != "", "logging.dir must not be empty")
+        _one_of("logging.wandb_mode", self.wandb_mode, ("", "online", "offline", "disabled"))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

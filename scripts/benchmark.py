@@ -42,6 +42,7 @@ from utils.distributed import DistInfo, gather_object, process_group  # noqa: E4
 from utils.errors import ArgumentParser, run_cli  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
 from utils.parallel import parallelize  # noqa: E402
+from utils.progress import progress  # noqa: E402
 from utils.run import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
@@ -96,8 +97,10 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
         try:
             plan, val_data = load_data(cfg, info)
             trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
+            bar = progress(warmup + steps, "benchmark", unit="step", enabled=info.is_main)
             for _ in range(warmup):
                 trainer.train_step()
+                bar.update()
             times = []
             for _ in range(steps):
                 synchronize(info.device)
@@ -105,6 +108,8 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
                 trainer.train_step()
                 synchronize(info.device)
                 times.append(time.perf_counter() - t0)
+                bar.update()  # outside the timed span
+            bar.close()
             state_mib = local_state_mib(trainer)
         finally:
             logger.close()

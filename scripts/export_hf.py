@@ -40,6 +40,7 @@ from utils.checkpoint import load_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from models.transformer import GPT  # noqa: E402
+from utils.progress import progress  # noqa: E402
 
 SUPPORTED = ("pos_emb=learned + norm=layernorm + activation=gelu (GPT-2), "
              "pos_emb=rope + norm=rmsnorm + activation=swiglu (Llama; with qk_norm=true and bias=false: Qwen3)")
@@ -189,8 +190,11 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4) -> str:
     """Write the folder; returns the transformers class name. Nothing lands at out unless the logits match."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty; choose another --out (nothing was overwritten)")
+    bar = progress(4, "export", unit="stage")  # load, convert, save, check: each can take minutes on a big model
     model = load_model(checkpoint, torch.device("cpu"))
+    bar.update()
     hf = hf_model(model)
+    bar.update()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # beside out, so the final rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -200,7 +204,10 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4) -> str:
             patch_json(tmp / "config.json", rope_theta=model.cfg.rope_base)
         if model.cfg.vocab_size >= 256:
             save_byte_tokenizer(tmp)
+        bar.update()
         error = logit_error(model, tmp)
+        bar.update()
+        bar.close()
         if error > rtol:
             raise ExportError(f"the exported {type(hf).__name__} differs from the checkpoint (relative logit error "
                               f"{error:.1e}); nothing was written. Please report this with the model config")

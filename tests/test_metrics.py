@@ -1,15 +1,20 @@
 """Evaluation (loss, perplexity, bits per byte over every byte, once), scripts/evaluate.py on 1 and
-2 processes, and what training writes to TensorBoard, read back with TensorBoard's own reader."""
+2 processes, what training writes to TensorBoard (read back with TensorBoard's own reader) and to
+metrics.jsonl, and the optional Weights & Biases run (offline, read back from its files)."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import ROOT, child_env, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
 from models.config import ModelConfig
 from models.transformer import GPT
 from utils.distributed import DistInfo
@@ -93,6 +98,108 @@ def test_tensorboard_events_hold_scalars_text_samples_and_hparams(single_run):
     assert final.value == pytest.approx(acc.Scalars("val/loss")[-1].value)
 
 
+def jsonl_rows(log_dir):
+    (path,) = log_dir.glob("train_*.metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_what_tensorboard_holds(single_run):
+    """One JSON line per logged step and per evaluation, with TensorBoard's scalars, steps and wall times."""
+    _, run = single_run
+    rows = jsonl_rows(run / "logs")
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6, 6]  # log_every=1, evaluations at 3 and 6
+    acc = scalar_events(run / "logs")
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("hparam/")]
+    assert {"train/loss", "train/seconds", "val/loss", "val/bits_per_byte"} <= set(tags)
+    for tag in tags:
+        events = acc.Scalars(tag)
+        logged = [r for r in rows if tag in r]
+        assert [r["step"] for r in logged] == [e.step for e in events], tag
+        for r, e in zip(logged, events):
+            # TensorBoard stores float32; JSON has no NaN, so an unknown MFU is null
+            assert (r[tag] is None and math.isnan(e.value)) or r[tag] == pytest.approx(e.value, rel=1e-6), tag
+            assert r["wall_time"] == pytest.approx(e.wall_time, abs=1.0)
+
+
+def test_metrics_jsonl_is_valid_to_its_last_line_after_a_kill(tiny_data, tmp_path):
+    """Lines are flushed as they are written: SIGKILL mid-run leaves every line complete and parseable."""
+    cmd = [sys.executable, "train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=5000,
+                                                              train__eval_every=0, train__save_every=0)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env(), start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):  # printed after step 3's metrics were written
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    rows = jsonl_rows(tmp_path / "logs")
+    assert [r["step"] for r in rows[:3]] == [1, 2, 3] and all("train/loss" in r for r in rows)
+
+
+def wandb_records(path):
+    """The records of a W&B offline run file: LevelDB-log framing (7-byte headers in 32 KiB blocks) of protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, payload = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            yield record
+            payload = b""
+
+
+def test_wandb_offline_run_holds_the_scalars_config_and_samples(single_run, tmp_path):
+    """logging.wandb=true with WANDB_MODE=offline: the run file holds TensorBoard's scalars and the config,
+    and each evaluation's text sample is saved as HTML."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb); W&B logging is untested here")
+    data, tb_run = single_run
+    run_script("train_single.py", *tiny_overrides(data, tmp_path, logging__wandb="true"), timeout=600,
+               env=child_env(WANDB_MODE="offline", WANDB_SILENT="true"), check=True)
+    (run_dir,) = (tmp_path / "logs/wandb").glob("offline-run-*")
+    history, config = {}, {}
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            for item in record.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(
+                    (record.history.step.num, json.loads(item.value_json)))
+        elif kind in ("run", "config"):  # the config comes with the run record, later changes as config records
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in items})
+    assert config["model"]["dim"] == 32 and config["train"]["max_steps"] == 6 and config["logging"]["wandb"]
+    acc = scalar_events(tmp_path / "logs")
+    for tag in ("train/loss", "train/lr", "val/loss", "val/bits_per_byte"):
+        assert [s for s, _ in history[tag]] == [e.step for e in acc.Scalars(tag)], tag
+        assert [v for _, v in history[tag]] == pytest.approx([e.value for e in acc.Scalars(tag)], rel=1e-6)
+    samples = sorted((run_dir / "files/media/html").glob("sample_*.html"))
+    assert [p.name.split("_")[1] for p in samples] == ["3", "6"] and all("<pre>" in p.read_text() for p in samples)
+
+
+def test_wandb_missing_stops_before_training_with_one_line(single_run, tmp_path):
+    """Without the package: one line saying how to install it, exit 2, no checkpoint and no log."""
+    data, _ = single_run
+    hide_wandb = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = ['train_single.py', *sys.argv[1:]]; "
+                  "runpy.run_path('train_single.py', run_name='__main__')")
+    proc = run_script("-c", hide_wandb, *tiny_overrides(data, tmp_path, logging__wandb="true"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: logging.wandb=true needs the wandb package: pip install wandb (or set logging.wandb=false)"]
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("train_*.log"))
+
+
 def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):
     """scripts/evaluate.py on the last checkpoint gives training's final val loss, and writes JSON."""
     data, run = single_run
@@ -106,6 +213,49 @@ def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp
     text = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt",
                       "--text-file", data / "val-00000.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
     assert json.loads((tmp_path / "t.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-6), text.stdout
+
+
+def run_on_pty(args: list, env: dict) -> str:
+    """Run `python args` with stdout and stderr on a pseudo-terminal; everything it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_evaluation_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(single_run, tmp_path):
+    """On a pty: a tqdm bar (carriage returns) and no log lines; redirected: plain lines and no bar."""
+    _, run = single_run
+    args = ["scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--batch-size", "2"]
+    env = child_env(BYTEGPT_PROGRESS_INTERVAL="0")  # a line at every batch, so a tiny split shows some
+    on_tty = run_on_pty(args, env)
+    assert "evaluate:" in on_tty and "\r" in on_tty and "s elapsed" not in on_tty
+    logged = run_script(*args, env=env, check=True).stderr
+    lines = [l for l in logged.splitlines() if l.startswith("evaluate: ")]
+    assert lines and all(l.endswith("s elapsed") for l in lines) and "\r" not in logged and "%|" not in logged
+    assert "100%" in lines[-1]
 
 
 def test_evaluate_script_refuses_a_text_too_short(single_run, tmp_path):

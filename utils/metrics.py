@@ -1,5 +1,6 @@
 """Measuring: deterministic evaluation (loss, perplexity, bits per byte), FLOPs and MFU, and the
-logger that writes console lines, logs/train_<timestamp>.log and TensorBoard events (rank 0 only).
+logger that writes console lines, logs/train_<run>.log, logs/train_<run>.metrics.jsonl, TensorBoard
+events and optionally Weights & Biases (rank 0 only; the sinks are in utils/sinks.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.config import LoggingConfig
 from utils.distributed import DistInfo, all_reduce_sum
+from utils.progress import progress
+from utils.sinks import JsonlSink, WandbSink, require_wandb
 
 
 @torch.no_grad()
@@ -42,6 +46,7 @@ def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size
     # the same number of forwards on every rank: under FSDP each one is a collective (all-gather);
     # a rank out of windows runs window 0 with every target masked
     n_batches = math.ceil(math.ceil(n_windows / info.world_size) / batch_size)
+    bar = progress(len(mine) * T, "evaluate", unit="B", enabled=info.is_main)  # rank 0's share stands for all
     for i in range(0, n_batches * batch_size, batch_size):
         chunk = mine[i:i + batch_size]
         starts = np.array(chunk or [0]) * T
@@ -56,6 +61,8 @@ def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
                                reduction="sum")
         total += torch.stack([loss.double(), (y >= 0).sum().double()])
+        bar.update(len(starts) * T)
+    bar.close()
     model.train(was_training)
     loss_sum, count = all_reduce_sum(total, info).tolist()
     loss = loss_sum / count
@@ -192,12 +199,18 @@ class ThroughputMeter:
 
 
 class MetricsLogger:
-    """Console + log file + TensorBoard on the main rank; every method is a no-op elsewhere."""
+    """Console + log file + metrics.jsonl + TensorBoard (+ W&B) on the main rank; a no-op elsewhere.
 
-    def __init__(self, log_dir: str | Path, is_main: bool, run_name: str | None = None) -> None:
+    `config` is the run's whole config as a dict, for W&B's run config.
+    """
+
+    def __init__(self, log_dir: str | Path, is_main: bool, run_name: str | None = None,
+                 logging: LoggingConfig | None = None, config: dict | None = None) -> None:
+        logging = logging or LoggingConfig()
+        require_wandb(logging)  # before anything is written, on every rank
         self.is_main = is_main
         self.run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        self.file = self.tb = self.path = self.tb_dir = None
+        self.file = self.tb = self.path = self.tb_dir = self.jsonl = self.wandb = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -209,6 +222,9 @@ class MetricsLogger:
             self.file = open(self.path, "a", buffering=1)
             self.tb_dir = log_dir / "tensorboard" / self.run_name
             self.tb = SummaryWriter(str(self.tb_dir))
+            self.jsonl = JsonlSink(log_dir / f"train_{self.run_name}.metrics.jsonl")
+            if logging.wandb:
+                self.wandb = WandbSink(logging, config or {}, self.run_name, log_dir)
 
     def info(self, msg: str) -> None:
         if self.is_main:
@@ -226,11 +242,16 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+            self.jsonl.scalars(step, values)
+        if self.wandb is not None:
+            self.wandb.scalars(step, values)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.tb is not None:
             # TensorBoard renders markdown; a code block keeps the sample's own line breaks
             self.tb.add_text(tag, "```\n" + text + "\n```", step)
+        if self.wandb is not None:
+            self.wandb.text(tag, text, step)
 
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         if self.tb is not None:
@@ -239,4 +260,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self.is_main:
             self.tb.close()
+            self.jsonl.close()
             self.file.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -32,6 +32,7 @@ from utils.errors import UserError
 from utils.metrics import MetricsLogger, ThroughputMeter, flops_per_token, peak_flops
 from utils.optim import build_optimizer, build_scheduler
 from utils.precision import autocast_context, grad_scaler
+from utils.sinks import require_wandb
 from utils.stopping import StopFlag
 from utils.trainer import Trainer
 from utils.validation import Validator
@@ -229,13 +230,15 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     plan, val_data = load_data(cfg, info)
     Validator.check_feasible(val_data, cfg.eval)
     n_params = check_memory(cfg, info)
+    require_wandb(cfg.logging)
     if info.is_main:
         check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
         check_writable(Path(cfg.logging.dir), "logging.dir")
 
     # accepted: from here on the run writes
     checkpointer.accept(config_to_yaml(cfg))
-    logger = MetricsLogger(cfg.logging.dir, info.is_main, f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    logger = MetricsLogger(cfg.logging.dir, info.is_main, f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                           logging=cfg.logging, config=config_to_dict(cfg))
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
         for line in summary(cfg, info, plan, val_data, n_params, logger):

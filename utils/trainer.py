@@ -139,7 +139,8 @@ class Trainer:
         lr = self.last_lr
         self.log.scalars(self.step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": norm,
                                      "train/tokens_per_sec": tok_s, "train/mfu": mfu,
-                                     "train/skipped_steps": self.skipped_steps})
+                                     "train/skipped_steps": self.skipped_steps,
+                                     "train/seconds": self.meter.train_seconds})
         self.log.info(f"step {self.step}/{self.cfg.max_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
                       f"grad norm {norm:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%} | skipped {self.skipped_steps} | "
                       f"elapsed {format_seconds(self.meter.elapsed())} | eta {format_seconds(self.meter.eta(self.step))}")
