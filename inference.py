@@ -25,9 +25,8 @@ import torch
 from models.config import UserError, config_from_dict, run_cli
 from models.transformer import GPT
 from utils.checkpoint import CONFIG, MODEL, load_checkpoint, load_model_weights
-from utils.distributed import resolve_device
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from utils.device import DEVICE_CHOICES, resolve_device
+from utils.precision import DTYPES, sampling_precision
 
 
 def build_model(state: dict, source: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
@@ -122,8 +121,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same device)")
     p.add_argument("--stop", nargs="+", action="extend", default=[],
                    help="end a sample before any of these strings; backslash escapes like \\n work")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
+                   help="default auto: the precision the checkpoint was trained in (fp32 for fp16 on a CPU)")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_new_tokens < 0 or args.num_samples < 1:
         raise UserError("--temperature and --max-new-tokens must be >= 0 and --num-samples >= 1")
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         prompt = read_prompt(args)
         device = resolve_device(args.device, 0)
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-        model = load_model(args.checkpoint, device, precision)
+        state = load_checkpoint(args.checkpoint)
+        precision = sampling_precision(args.precision, state, device)
+        model = build_model(state, args.checkpoint, device, precision)
         out = sys.stdout
         if hasattr(out, "reconfigure"):
             out.reconfigure(encoding="utf-8")  # the model writes UTF-8, whatever the locale says

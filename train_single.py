@@ -11,7 +11,8 @@ reached), 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint, 2 bad input.
 import sys
 
 from models.config import parse_cli, run_cli
-from utils.distributed import DistInfo, resolve_device
+from utils.device import resolve_device
+from utils.distributed import DistInfo
 from utils.trainer import run_training
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from models.config import UserError
+from utils.device import pin_memory
 
 
 class DataError(UserError):
@@ -37,9 +38,9 @@ def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, 
     Bytes travel as uint8 (8x less than int64) from pinned memory, asynchronously on CUDA.
     """
     t = torch.from_numpy(windows)
-    if device.type == "cuda":
+    if pin_memory(device):
         t = t.pin_memory().to(device, non_blocking=True)
-    t = t.long()
+    t = t.to(device).long()  # a no-op on CPU and after the CUDA copy; MPS copies here
     return t[:, :-1], t[:, 1:]
 
 

@@ -113,7 +113,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """clip the global gradient norm to this; 0 = no clipping (the norm is still logged)"""
     precision: str = "bf16"
-    """fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler)"""
+    """auto, fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler); auto: utils/precision.py decides per device"""
     compile: bool = False
     """torch.compile the model; falls back to eager with a warning when compilation fails"""
     fused_adamw: bool = True
@@ -153,7 +153,7 @@ class TrainConfig:
         _check(0 <= self.cooldown_frac <= 1, "train.cooldown_frac must be in [0, 1]")
         _check(self.sample_tokens == 0 or self.sample_prompt != "",
                "train.sample_prompt must not be empty (or set train.sample_tokens=0)")
-        _one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("train.schedule", self.schedule, ("cosine", "wsd"))
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
 
@@ -305,7 +305,7 @@ def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint; 'auto' takes the newest valid one in paths.checkpoint_dir")
     args, overrides = parser.parse_known_args(argv)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,26 +37,14 @@ import torch.nn as nn  # noqa: E402
 
 from models.config import Config, ConfigError, load_config, run_cli  # noqa: E402
 from train_ddp import ddp_wrap  # noqa: E402
+from utils.device import DEVICE_CHOICES, device_name, synchronize  # noqa: E402
 from utils.distributed import DistInfo, cleanup, gather_object, init_distributed  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
+from utils.precision import resolve_run_precision  # noqa: E402
 from utils.trainer import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model, core count and native bf16 matrix support (bf16 pays only with it)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-    except OSError:
-        info = {}
-    flags = info.get("flags", "").split()
-    bf16 = next((f.upper() for f in ("amx_bf16", "avx512_bf16") if f in flags), "no native bf16")
-    return f"{info.get('model name') or platform.processor() or 'cpu'} ({os.cpu_count()} cores, {bf16})"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -66,11 +53,6 @@ def peak_memory_mib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
@@ -143,6 +125,9 @@ def print_result(result: dict) -> None:
 def single(cfg: Config, args: argparse.Namespace) -> int:
     info = init_distributed(cfg.distributed, args.device)
     try:
+        cfg, precision = resolve_run_precision(cfg, info, None)
+        if info.is_main:
+            print(f"precision {precision.name}: {precision.reason}", file=sys.stderr)
         result = measure(cfg, info, args.steps, args.warmup)
         results = gather_object(result, info)
     finally:
@@ -203,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the training step.",
                                      epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3)")
     parser.add_argument("--compare", action="store_true", help="fp32/bf16 x eager/compiled side by side")

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.config import DistributedConfig, UserError
+from models.config import DistributedConfig
+from utils.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,6 @@ def slurm_master_addr(nodelist: str) -> str:
     first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
     # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
     return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
-
-
-def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
-    if device_arg is None:
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device_arg)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device_arg} asked for CUDA, but no CUDA GPU is visible "
-                            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{index} requested but only {torch.cuda.device_count()} GPU(s) are visible")
-        device = torch.device("cuda", index)
-    return device
 
 
 def init_distributed(cfg: DistributedConfig, device_arg: str | None = None) -> DistInfo:

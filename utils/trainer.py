@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ from utils.distributed import (DistInfo, all_reduce_mean, any_rank, barrier, bro
                                maybe_no_sync, unwrap)
 from utils.metrics import MetricsLogger, evaluate, flops_per_token, model_flops_utilization, peak_flops
 from utils.optim import build_optimizer, build_scheduler, lr_at
+from utils.precision import autocast_context, grad_scaler, resolve_run_precision
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume auto to continue
@@ -37,12 +37,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume au
 
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class Trainer:
@@ -53,7 +47,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.paths.checkpoint_dir)
         self.optimizer = build_optimizer(self.raw, self.tcfg, info.device)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.tcfg.precision == "fp16")
+        self.scaler = grad_scaler(info.device, self.tcfg.precision)
         self.autocast = autocast_context(info.device, self.tcfg.precision)
         self.step = 0
         self.best_val_loss = math.inf
@@ -343,6 +337,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
     if isinstance(decision, UserError):
         raise decision
     resume_state = ckpt.load_checkpoint(decision) if decision else None
+    cfg, precision = resolve_run_precision(cfg, info, resume_state)
 
     plan, val_data = load_data(cfg, info)
     t = cfg.train
@@ -361,6 +356,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None,
                     f"{trainer.tokens_per_step:,} tokens per step | {plan.steps_per_epoch} steps per epoch")
         logger.info(f"model: {model.num_params():,} parameters | data: {len(plan.data):,} train bytes, "
                     f"{len(val_data):,} val bytes from {cfg.data.dir}")
+        logger.info(f"precision {precision.name}: {precision.reason}")
         if resume_state is not None:
             trainer.resume_from(Path(decision), resume_state)
         elif resume == "auto":
