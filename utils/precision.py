@@ -53,13 +53,14 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def _time_linears(shapes: list[tuple[int, int, int]], dtype: torch.dtype, g: torch.Generator) -> float:
-    """Seconds for one forward matmul at each (tokens, in, out) shape."""
-    mats = [(torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)) for m, k, n in shapes]
+    """Seconds for one forward matmul at each (tokens, in, out) shape, from fp32 tensors cast to
+    dtype as autocast casts them, so the casts count against bf16."""
+    mats = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)) for m, k, n in shapes]
     for x, w in mats:  # first touch: oneDNN picks and caches its kernel
-        torch.nn.functional.linear(x, w)
+        torch.nn.functional.linear(x.to(dtype), w.to(dtype))
     t0 = time.perf_counter()
     for x, w in mats:
-        torch.nn.functional.linear(x, w)
+        torch.nn.functional.linear(x.to(dtype), w.to(dtype))
     return time.perf_counter() - t0
 
 
