@@ -90,7 +90,8 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
         "tokens_per_step": trainer.tokens_per_step // info.world_size, "steps": steps, "warmup": warmup,
         "ms_per_step": round(step_s * 1e3, 2), "ms_per_step_mean": round(statistics.fmean(times) * 1e3, 2),
         "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": trainer.flops_per_token,
-        "flops_basis": FLOPS_BASIS, "peak_flops": peak, "peak_source": peak_source,
+        "flops_basis": FLOPS_BASIS, "achieved_tflops": round(tokens_per_sec * trainer.flops_per_token / 1e12, 4),
+        "peak_flops": peak, "peak_source": peak_source,
         "mfu": mfu, "peak_memory_mib": round(peak_memory_mib(info.device), 1),
         "loadavg_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
     }
@@ -178,8 +179,8 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
           f"{rows[0]['params']:,} parameters | {rows[0]['tokens_per_step']:,} tokens per step | "
           f"median of {args.steps} steps after {args.warmup} warm-up, median of {args.rounds} rounds | "
           f"MFU: {FLOPS_BASIS}")
-    print_row_table(rows, ["precision", "compile", "ms_per_step", "tokens_per_sec", "mfu_pct", "peak_memory_mib",
-                           "speedup"])
+    print_row_table(rows, ["precision", "compile", "ms_per_step", "tokens_per_sec", "achieved_tflops", "mfu_pct",
+                           "peak_memory_mib", "speedup"])
     print(json.dumps({"reference": "fp32, eager", "rounds": args.rounds, "cases": rows}))
     return 0
 

@@ -17,7 +17,7 @@ from utils.trainer import Trainer, build_trainer, load_data
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 FIELDS = {"device", "torch", "threads", "precision", "compile", "fused_adamw", "activation_checkpointing", "params",
           "batch_size", "context_length", "tokens_per_step", "steps", "warmup", "ms_per_step", "ms_per_step_mean",
-          "tokens_per_sec", "flops_per_token", "flops_basis", "peak_flops", "peak_source", "mfu", "peak_memory_mib",
+          "tokens_per_sec", "flops_per_token", "flops_basis", "achieved_tflops", "peak_flops", "peak_source", "mfu", "peak_memory_mib",
           "loadavg_1m", "date"}
 
 
@@ -42,6 +42,7 @@ def test_benchmark_reports_every_field(tiny_data, tmp_path):
     assert result["mfu"] == pytest.approx(result["tokens_per_sec"] * result["flops_per_token"] / result["peak_flops"],
                                           rel=1e-3)
     assert 50 < result["peak_memory_mib"] < 4096 and "6N + 12*L*d*T" in result["flops_basis"]
+    assert result["achieved_tflops"] == pytest.approx(result["mfu"] * result["peak_flops"] / 1e12, rel=1e-2, abs=1e-4)
 
 
 

@@ -41,7 +41,7 @@ def test_per_device_choices():
 @pytest.mark.parametrize("script", ["train_single.py", "inference.py", "scripts/evaluate.py", "scripts/export_hf.py",
                                     "scripts/benchmark.py"])
 def test_every_entry_point_takes_device_and_refuses_a_bad_one(script, tmp_path):
-    extra = ["--out", str(tmp_path / "hf")] if "export" in script else []
+    extra = {"scripts/export_hf.py": ["--out", str(tmp_path / "hf")], "inference.py": ["--prompt", "a"]}.get(script, [])
     proc = run_script(script, "--device", "banana", *extra, timeout=120)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
