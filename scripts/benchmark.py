@@ -128,7 +128,7 @@ def single(cfg: Config, args: argparse.Namespace) -> int:
     try:
         cfg, precision = resolve_run_precision(cfg, info, None)
         if info.is_main:
-            print(f"precision {precision.name}: {precision.reason}", file=sys.stderr)
+            print(f"precision {precision.name}: {precision.reason}", flush=True)
         result = measure(cfg, info, args.steps, args.warmup)
         results = gather_object(result, info)
     finally:

@@ -2,6 +2,7 @@
 the autocast/GradScaler choice; CPU attention in fp32 inside a bf16 run."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ TINY = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=16)
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """An empty cache folder on what reads as a quiet machine (figures taken under load are not stored)."""
     monkeypatch.setenv("BYTEGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     return tmp_path / "cache" / "precision.json"
 
 
@@ -46,6 +49,12 @@ def test_a_corrupt_cache_is_measured_around(cache):
     cache.write_text("{not json")
     assert "measured now" in resolve_precision("auto", torch.device("cpu"), TINY, 4).reason
     assert len(json.loads(cache.read_text())) == 1
+
+
+def test_a_figure_measured_on_a_busy_machine_is_not_kept(cache, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * os.cpu_count() + 1, 0.0, 0.0))
+    assert "so not cached" in resolve_precision("auto", torch.device("cpu"), TINY, 4).reason
+    assert not cache.exists()
 
 
 def test_autocast_and_scaler_follow_the_precision():

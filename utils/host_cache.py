@@ -29,11 +29,12 @@ def host_key(*parts: object) -> str:
                        *map(str, parts)])
 
 
-def cached(kind: str, key: str, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
-    """(entry, True) from the cache file `kind`.json, else (measure(), False) after storing it.
+def cached(kind: str, key: str, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """(entry, where it came from): from the cache file `kind`.json, else measure() and store it.
 
-    A cache that cannot be read or written is measured around, never an error: the figure is an
-    optimisation, not an input.
+    A figure measured while the machine is busier than its core count is used but not stored, so a
+    busy minute is not kept for good. A cache that cannot be read or written is measured around,
+    never an error: the figure is an optimisation, not an input.
     """
     path = cache_dir() / f"{kind}.json"
     try:
@@ -43,8 +44,11 @@ def cached(kind: str, key: str, measure: Callable[[], dict[str, Any]]) -> tuple[
     if not isinstance(entries, dict):
         entries = {}
     if key in entries:
-        return entries[key], True
+        return entries[key], f"cached in {path}"
     entry = measure()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        return entry, f"measured now under load {load:.1f} on {cores} cores, so not cached"
     entries[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,5 +57,5 @@ def cached(kind: str, key: str, measure: Callable[[], dict[str, Any]]) -> tuple[
             json.dump(entries, f, indent=1, sort_keys=True)
         os.replace(f.name, path)
     except OSError:
-        pass
-    return entry, False
+        return entry, f"measured now; {path} is not writable"
+    return entry, f"measured now, saved to {path}"

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.distributed import DistInfo, all_reduce_sum
-from utils.host_cache import cache_dir, cached, host_key
+from utils.host_cache import cached, host_key
 
 
 @torch.no_grad()
@@ -108,14 +108,14 @@ def measure_cpu_peak(dtype: torch.dtype, repeats: int = 15, size: int = 1024) ->
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def measured_cpu_peak(precision: str) -> tuple[float, bool]:
-    """(this CPU's matmul FLOP/s at the precision training uses, whether it came from the cache):
+def measured_cpu_peak(precision: str) -> tuple[float, str]:
+    """(this CPU's matmul FLOP/s at the precision training uses, where the figure came from):
     measured once per host, CPU model, thread count and torch version (utils/host_cache.py), so
     MFU does not move with a peak re-measured at every start."""
     name = "bf16" if precision in ("bf16", "fp16") else "fp32"
-    entry, hit = cached("cpu_peak", host_key(f"{name} matmul"),
+    entry, where = cached("cpu_peak", host_key(f"{name} matmul"),
                         lambda: measure_cpu_peak(torch.bfloat16 if name == "bf16" else torch.float32))
-    return entry["flops"], hit
+    return entry["flops"], where
 
 
 def gpu_peak_flops(name: str, precision: str, tf32: bool) -> tuple[float | None, str]:
@@ -131,8 +131,8 @@ def gpu_peak_flops(name: str, precision: str, tf32: bool) -> tuple[float | None,
 def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s, where the number comes from); None when the device is not in the table."""
     if device.type == "cpu":
-        flops, hit = measured_cpu_peak(precision)
-        return flops, f"measured CPU {precision} matmul peak ({'cached' if hit else 'measured now'} in {cache_dir()})"
+        flops, where = measured_cpu_peak(precision)
+        return flops, f"measured CPU {precision} matmul peak ({where})"
     if device.type != "cuda":
         return None, f"no peak known for device type {device.type}"
     return gpu_peak_flops(torch.cuda.get_device_name(device), precision, torch.backends.cuda.matmul.allow_tf32)

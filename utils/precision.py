@@ -22,7 +22,7 @@ import torch
 from models.config import Config, ModelConfig
 from utils.checkpoint import CONFIG
 from utils.distributed import DistInfo, broadcast_object
-from utils.host_cache import cache_dir, cached, host_key
+from utils.host_cache import cached, host_key
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MARGIN = 0.9  # bf16 must take under 90% of fp32's time: "measurably faster", not noise
@@ -97,8 +97,7 @@ def resolve_precision(setting: str, device: torch.device, model: ModelConfig, ba
     if device.type != "cpu":
         return Precision("fp32", f"auto: autocast on {device.type} is untested")
     key = host_key(f"linears {batch_size * model.context_length}x{model.dim}x{model.ffn_dim}")
-    entry, hit = cached("precision", key, lambda: measure_cpu_bf16(model, batch_size))
-    where = f"cached in {cache_dir() / 'precision.json'}" if hit else f"measured now, saved to {cache_dir() / 'precision.json'}"
+    entry, where = cached("precision", key, lambda: measure_cpu_bf16(model, batch_size))
     return Precision(entry["precision"], f"auto: bf16 matmuls ran {entry['bf16_speedup']:.2f}x fp32's speed at this "
                                          f"model's shapes ({entry['fp32_ms']} vs {entry['bf16_ms']} ms, load "
                                          f"{entry['loadavg_1m']}, {where})")
