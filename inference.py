@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from models.transformer import GPT
-from utils.checkpoint import load_model
-from utils.distributed import resolve_device
+from utils.checkpoint import build_model, load_checkpoint
+from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.precision import DTYPES
+from utils.precision import DTYPES, sampling_precision
 
 class TextStream:
     """One sample's bytes in, printable text out, ending just before the first stop string.
@@ -110,8 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same device)")
     p.add_argument("--stop", nargs="+", action="extend", default=[],
                    help="end a sample before any of these strings; backslash escapes like \\n work")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
+                   help="default auto: the precision the checkpoint was trained in (fp32 for fp16 on a CPU)")
     args = p.parse_args(argv)
     if not (0 <= args.temperature < math.inf) or args.max_new_tokens < 0 or args.num_samples < 1:
         raise UserError(f"--temperature must be a finite number >= 0 (got {args.temperature}), --max-new-tokens "
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         prompt = read_prompt(args)
         device = resolve_device(args.device, 0)
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-        model = load_model(args.checkpoint, device, precision)
+        state = load_checkpoint(args.checkpoint)
+        precision = sampling_precision(args.precision, state, device)
+        model = build_model(state, args.checkpoint, device, DTYPES[precision])
         out = sys.stdout
         if hasattr(out, "reconfigure"):
             out.reconfigure(encoding="utf-8")  # the model writes UTF-8, whatever the locale says

@@ -18,6 +18,7 @@ import torch
 
 from data.order import KeyedPermutation, derive_key, mix64
 from data.shards import DataError, check_shards, read_manifest
+from utils.device import pin_memory
 
 class ShardedBytes:
     """Read-only bytes spread over shard files, indexed as one array: len(), [a:b] (a view, nothing
@@ -78,9 +79,9 @@ def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, 
     Bytes travel as uint8 (8x less than int64) from pinned memory, asynchronously on CUDA.
     """
     t = torch.from_numpy(windows)
-    if device.type == "cuda":
+    if pin_memory(device):
         t = t.pin_memory().to(device, non_blocking=True)
-    t = t.long()
+    t = t.to(device).long()  # a no-op on CPU and after the CUDA copy; MPS copies here
     return t[:, :-1], t[:, 1:]
 
 

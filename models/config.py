@@ -112,7 +112,8 @@ class TrainConfig:
     seed: int = 1337
     """initial weights and the data order; 0 <= seed < 2**31"""
     precision: str = "bf16"
-    """fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler)"""
+    """auto, fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler); auto: bf16 on GPUs that have it
+    (else fp16), and on CPUs only where bf16 matmuls measure faster than fp32 (utils/precision.py)"""
     compile: bool = False
     """torch.compile the model; falls back to eager with a warning when compilation fails"""
     tf32: bool = True
@@ -130,7 +131,7 @@ class TrainConfig:
         _positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every", "max_nonfinite_steps")
         _non_negative("train", self, "stop_at_step", "grad_clip")
         _check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
-        _one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
     def global_batch(self, world_size: int) -> int:
         """Sequences per optimizer step over all processes."""

@@ -39,6 +39,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float) -> Tensor:
+    """SDPA; on a CPU always in fp32, also inside bf16/fp16 autocast: the CPU flash kernel's forward
+    + backward ran 1.1 to 5x slower in bf16 than in fp32 at every shape measured (docs/benchmarks.md)."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs straight back
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal, dropout_p=dropout_p)
+    return y.to(q.dtype)
+
+
 class KVCache(nn.Module):
     """Keys and values of past positions, preallocated for one generation call."""
 
@@ -81,8 +91,7 @@ class CausalSelfAttention(nn.Module):
             k, v = self.cache.update(pos, k, v)
         # SDPA's is_causal aligns the mask top-left, which is only right when queries and keys
         # start together (training, prefill). A decode step's single query sees every cached key.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_heads, T, head_dim) -> (B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,29 +37,17 @@ import torch.nn as nn  # noqa: E402
 
 from models.config import Config, ConfigError  # noqa: E402
 from models.config_loader import load_config  # noqa: E402
+from utils.device import DEVICE_CHOICES, device_name, synchronize  # noqa: E402
 from utils.distributed import DistInfo, gather_object, process_group  # noqa: E402
 from utils.errors import ArgumentParser, run_cli  # noqa: E402
 from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
 from utils.parallel import parallelize  # noqa: E402
+from utils.precision import resolve_run_precision  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.run import build_trainer, load_data  # noqa: E402
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model, core count and native bf16 matrix support (bf16 pays only with it)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-    except OSError:
-        info = {}
-    flags = info.get("flags", "").split()
-    bf16 = next((f.upper() for f in ("amx_bf16", "avx512_bf16") if f in flags), "no native bf16")
-    return f"{info.get('model name') or platform.processor() or 'cpu'} ({os.cpu_count()} cores, {bf16})"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -81,11 +68,6 @@ def local_state_mib(trainer) -> float:
     # each gradient is the size of its parameter (zero_grad frees them between steps, so count from those)
     return (2 * sum(p.numel() * p.element_size() for p in params.values())
             + sum(v.numel() * v.element_size() for v in states)) / 2 ** 20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
@@ -117,18 +99,19 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
     compiled = hasattr(inner, "_orig_mod")
     peak, peak_source = peak_flops(info.device, t.precision)
     step_s = statistics.median(times)
-    tokens_per_sec = trainer.tokens_per_step / info.world_size / step_s
-    mfu = model_flops_utilization(tokens_per_sec, trainer.flops_per_token, peak)
+    tokens_per_sec = trainer.meter.tokens_per_step / info.world_size / step_s
+    mfu = model_flops_utilization(tokens_per_sec, trainer.meter.flops_per_token, peak)
     return {
         "device": device_name(info.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "precision": t.precision, "compile": "on" if compiled else ("failed, eager" if t.compile else "off"),
         "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
         "activation_checkpointing": t.activation_checkpointing,
         "params": trainer.raw.num_params(), "batch_size": t.batch_size, "context_length": cfg.model.context_length,
-        "tokens_per_step": trainer.tokens_per_step // info.world_size, "steps": steps, "warmup": warmup,
+        "tokens_per_step": trainer.meter.tokens_per_step // info.world_size, "steps": steps, "warmup": warmup,
         "ms_per_step": round(step_s * 1e3, 2), "ms_per_step_mean": round(statistics.fmean(times) * 1e3, 2),
-        "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": trainer.flops_per_token,
-        "flops_basis": FLOPS_BASIS, "peak_flops": peak, "peak_source": peak_source,
+        "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": trainer.meter.flops_per_token,
+        "flops_basis": FLOPS_BASIS, "achieved_tflops": round(tokens_per_sec * trainer.meter.flops_per_token / 1e12, 4),
+        "peak_flops": peak, "peak_source": peak_source,
         "mfu": mfu, "peak_memory_mib": round(peak_memory_mib(info.device), 1), "strategy": cfg.distributed.strategy,
         "state_mib": round(state_mib, 1),
         "loadavg_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
@@ -163,6 +146,9 @@ def print_result(result: dict) -> None:
 
 def single(cfg: Config, args: argparse.Namespace) -> int:
     with process_group(cfg.distributed, args.device) as info:
+        cfg, precision = resolve_run_precision(cfg, info, None)
+        if info.is_main:
+            print(f"precision {precision.name}: {precision.reason}", flush=True)
         result = measure(cfg, info, args.steps, args.warmup)
         results = gather_object(result, info)
     if not info.is_main:
@@ -213,8 +199,8 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
           f"{rows[0]['params']:,} parameters | {rows[0]['tokens_per_step']:,} tokens per step | "
           f"median of {args.steps} steps after {args.warmup} warm-up, median of {args.rounds} rounds | "
           f"MFU: {FLOPS_BASIS}")
-    print_row_table(rows, ["precision", "compile", "ms_per_step", "tokens_per_sec", "mfu_pct", "peak_memory_mib",
-                           "speedup"])
+    print_row_table(rows, ["precision", "compile", "ms_per_step", "tokens_per_sec", "achieved_tflops", "mfu_pct",
+                           "peak_memory_mib", "speedup"])
     print(json.dumps({"reference": "fp32, eager", "rounds": args.rounds, "cases": rows}))
     return 0
 
@@ -223,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Benchmark the training step.",
                                      epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3)")
     parser.add_argument("--compare", action="store_true", help="fp32/bf16 x eager/compiled side by side")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.config import UserError, run_cli  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.sharded_checkpoint import convert  # noqa: E402
 
 

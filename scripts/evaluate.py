@@ -27,7 +27,8 @@ from utils.checkpoint import CONFIG, build_model, load_checkpoint  # noqa: E402
 from utils.distributed import process_group  # noqa: E402
 from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from utils.metrics import evaluate  # noqa: E402
-from utils.precision import autocast_context  # noqa: E402
+from utils.device import DEVICE_CHOICES  # noqa: E402
+from utils.precision import DTYPES, autocast_context, sampling_precision  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="dataset folder for --split (default: the checkpoint's data.dir)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (per process)")
     p.add_argument("--max-bytes", type=int, default=0, help="evaluate only this many leading bytes; 0 = all")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="autocast as in training (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
+                   help="autocast as in training (default auto: the checkpoint's own, fp32 for fp16 on a CPU)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_bytes < 0:
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             state = load_checkpoint(args.checkpoint)
             data, source = read_data(args, state[CONFIG]["data"]["dir"])
             model = build_model(state, args.checkpoint, info.device)
+            precision = sampling_precision(args.precision, state, info.device)
             del state  # frees the optimizer state before evaluation allocates activations
-            precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
             metrics = evaluate(model, data, model.cfg.context_length, args.batch_size, info,
                                autocast_context(info.device, precision))
         if info.is_main:

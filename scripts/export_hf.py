@@ -41,6 +41,7 @@ from models.config import ModelConfig  # noqa: E402
 from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from models.transformer import GPT  # noqa: E402
 from utils.progress import progress  # noqa: E402
+from utils.device import DEVICE_CHOICES, resolve_device  # noqa: E402
 
 SUPPORTED = ("pos_emb=learned + norm=layernorm + activation=gelu (GPT-2), "
              "pos_emb=rope + norm=rmsnorm + activation=swiglu (Llama; with qk_norm=true and bias=false: Qwen3)")
@@ -179,19 +180,20 @@ def logit_error(model: GPT, folder: Path) -> float:
     relative to the size of our logits (at least 1)."""
     from transformers import AutoModelForCausalLM
 
-    theirs = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    device = model.tok_emb.weight.device
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder)).to(device).eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, min(model.cfg.context_length, 64)),
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0)).to(device)
     ours = model(x)[0].float()
     return ((theirs(input_ids=x).logits.float() - ours).abs().max() / ours.abs().max().clamp(min=1.0)).item()
 
 
-def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4) -> str:
+def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4, device: torch.device = torch.device("cpu")) -> str:
     """Write the folder; returns the transformers class name. Nothing lands at out unless the logits match."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty; choose another --out (nothing was overwritten)")
     bar = progress(4, "export", unit="stage")  # load, convert, save, check: each can take minutes on a big model
-    model = load_model(checkpoint, torch.device("cpu"))
+    model = load_model(checkpoint, device)
     bar.update()
     hf = hf_model(model)
     bar.update()
@@ -221,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     p.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    p.add_argument("--device", default="cpu", help=f"where the logit check runs: {DEVICE_CHOICES} (default cpu)")
     args = p.parse_args(argv)
 
     def body() -> int:
-        name = export(args.checkpoint, Path(args.out))
+        name = export(args.checkpoint, Path(args.out), device=resolve_device(args.device))
         print(f"wrote {args.out} ({name}); load it with transformers.AutoModelForCausalLM.from_pretrained")
         return 0
 

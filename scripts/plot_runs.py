@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.config import UserError, run_cli  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 EVENTS = "events.out.tfevents.*"
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")

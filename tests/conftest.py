@@ -167,3 +167,9 @@ def load_weights(path: Path) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def host_cache_dir(tmp_path_factory):
+    """Per-host measurements (utils/host_cache.py) go to one folder per test session, not ~/.cache."""
+    os.environ["BYTEGPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("host_cache"))

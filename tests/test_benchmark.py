@@ -6,18 +6,20 @@ import pytest
 import torch
 
 from conftest import run_script, run_torchrun, tiny_overrides
-from models.config import ModelConfig, load_config
+from models.config import ModelConfig
+from models.config_loader import load_config
 from models.transformer import GPT
 from scripts.benchmark import print_result
 from utils.distributed import DistInfo
 from utils.metrics import MetricsLogger, flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
 from utils.optim import build_optimizer
-from utils.trainer import Trainer, build_trainer, load_data
+from utils.run import build_trainer, load_data
+from utils.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 FIELDS = {"device", "torch", "threads", "precision", "compile", "fused_adamw", "activation_checkpointing", "params",
           "batch_size", "context_length", "tokens_per_step", "steps", "warmup", "ms_per_step", "ms_per_step_mean",
-          "tokens_per_sec", "flops_per_token", "flops_basis", "peak_flops", "peak_source", "mfu", "peak_memory_mib",
+          "tokens_per_sec", "flops_per_token", "flops_basis", "achieved_tflops", "peak_flops", "peak_source", "mfu", "peak_memory_mib",
           "loadavg_1m", "date"}
 
 
@@ -42,6 +44,7 @@ def test_benchmark_reports_every_field(tiny_data, tmp_path):
     assert result["mfu"] == pytest.approx(result["tokens_per_sec"] * result["flops_per_token"] / result["peak_flops"],
                                           rel=1e-3)
     assert 50 < result["peak_memory_mib"] < 4096 and "6N + 12*L*d*T" in result["flops_basis"]
+    assert result["achieved_tflops"] == pytest.approx(result["mfu"] * result["peak_flops"] / 1e12, rel=1e-2, abs=1e-4)
 
 
 
@@ -96,7 +99,7 @@ def test_fused_adamw_matches_foreach_on_cpu():
     for fused in (False, True):
         torch.manual_seed(0)
         models.append(GPT(cfg.model))
-        tcfg = load_config(None, [f"train.fused_adamw={str(fused).lower()}", "train.lr=1.0e-2"]).train
+        tcfg = load_config(None, [f"optim.fused={str(fused).lower()}", "optim.lr=1.0e-2"]).optim
         optimizers.append(build_optimizer(models[-1], tcfg, torch.device("cpu")))
     assert [bool(o.defaults["fused"]) for o in optimizers] == [False, True]
     for step in range(5):

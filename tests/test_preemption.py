@@ -11,7 +11,7 @@ import torch
 
 from conftest import (children, finish, load_weights, read_until, run_script, run_torchrun, start, tiny_overrides,
                       torchrun_cmd)
-from utils.trainer import EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED
 
 LONG = dict(train__max_steps=300, train__eval_every=0, train__save_every=0, train__sample_tokens=0)
 

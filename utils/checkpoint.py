@@ -30,7 +30,6 @@ from models.config_loader import config_from_dict
 from models.transformer import GPT
 from utils.distributed import DistInfo, broadcast_object
 from utils.errors import UserError
-from utils.precision import DTYPES
 
 FORMAT_VERSION = 2  # 2: the window order became a keyed bijection (data/order.py)
 # stable top-level keys of a checkpoint
@@ -136,16 +135,16 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], sourc
     model.load_state_dict(weights)
 
 
-def build_model(state: dict, source: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
+def build_model(state: dict, source: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
     """The model a loaded checkpoint describes, holding its weights, in eval mode."""
     model = GPT(config_from_dict(state[CONFIG]).model)
     load_model_weights(model, state[MODEL], str(source))
-    return model.to(device=device, dtype=DTYPES[precision]).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def load_model(path: str | Path, device: torch.device, precision: str = "fp32") -> GPT:
-    """Any checkpoint written by training (single process, DDP or compiled), ready for inference."""
-    return build_model(load_checkpoint(path), path, device, precision)
+def load_model(path: str | Path, device: torch.device) -> GPT:
+    """Any checkpoint written by training (single process, DDP or compiled), in fp32, for inference."""
+    return build_model(load_checkpoint(path), path, device)
 
 
 # -- the folder ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.config import DistributedConfig
+from utils.device import resolve_device
 from utils.errors import UserError
 from utils.rendezvous import env_ranks, group_store
 from utils.watchdog import Watchdog
@@ -28,21 +29,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device_arg: str | None, local_rank: int) -> torch.device:
-    if device_arg is None:
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device_arg)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device_arg} asked for CUDA, but no CUDA GPU is visible "
-                            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{index} requested but only {torch.cuda.device_count()} GPU(s) are visible")
-        device = torch.device("cuda", index)
-    return device
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from models.config import LoggingConfig
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.progress import progress
 from utils.sinks import JsonlSink, WandbSink, require_wandb
+from utils.host_cache import cached, host_key
 
 
 @torch.no_grad()
@@ -105,22 +106,30 @@ def gpu_peak_key(name: str) -> str | None:
     return None
 
 
-_cpu_peaks: dict[str, float] = {}
-
-
-def measured_cpu_peak(precision: str, seconds: float = 0.3) -> float:
-    """This CPU's matmul FLOP/s at the precision training uses, measured once per process."""
-    if precision not in _cpu_peaks:
-        dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
-        g = torch.Generator().manual_seed(0)  # never the global RNG: resumed runs must draw what uninterrupted ones do
-        a, b = torch.randn(1024, 1024, generator=g).to(dtype), torch.randn(1024, 1024, generator=g).to(dtype)
+def measure_cpu_peak(dtype: torch.dtype, repeats: int = 15, size: int = 1024) -> dict:
+    """Best of `repeats` timed size^3 matmuls: a peak is what the CPU reaches, so the fastest run is
+    the estimate and slower ones are other work on the machine."""
+    g = torch.Generator().manual_seed(0)  # never the global RNG: resumed runs must draw what uninterrupted ones do
+    a, b = torch.randn(size, size, generator=g).to(dtype), torch.randn(size, size, generator=g).to(dtype)
+    a @ b
+    best, done, start = math.inf, 0, time.perf_counter()
+    while done < repeats and (done < 3 or time.perf_counter() - start < 2.0):  # slow CPUs: at most ~2 s
+        t0 = time.perf_counter()
         a @ b
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            n += 1
-        _cpu_peaks[precision] = 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
-    return _cpu_peaks[precision]
+        best = min(best, time.perf_counter() - t0)
+        done += 1
+    return {"flops": 2 * size ** 3 / best, "repeats": done, "loadavg_1m": round(os.getloadavg()[0], 2),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def measured_cpu_peak(precision: str) -> tuple[float, str]:
+    """(this CPU's matmul FLOP/s at the precision training uses, where the figure came from):
+    measured once per host, CPU model, thread count and torch version (utils/host_cache.py), so
+    MFU does not move with a peak re-measured at every start."""
+    name = "bf16" if precision in ("bf16", "fp16") else "fp32"
+    entry, where = cached("cpu_peak", host_key(f"{name} matmul"),
+                        lambda: measure_cpu_peak(torch.bfloat16 if name == "bf16" else torch.float32))
+    return entry["flops"], where
 
 
 def gpu_peak_flops(name: str, precision: str, tf32: bool) -> tuple[float | None, str]:
@@ -136,7 +145,8 @@ def gpu_peak_flops(name: str, precision: str, tf32: bool) -> tuple[float | None,
 def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s, where the number comes from); None when the device is not in the table."""
     if device.type == "cpu":
-        return measured_cpu_peak(precision), f"measured CPU {precision} matmul peak"
+        flops, where = measured_cpu_peak(precision)
+        return flops, f"measured CPU {precision} matmul peak ({where})"
     if device.type != "cuda":
         return None, f"no peak known for device type {device.type}"
     return gpu_peak_flops(torch.cuda.get_device_name(device), precision, torch.backends.cuda.matmul.allow_tf32)

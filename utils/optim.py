@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from models.config import OptimConfig, ScheduleConfig
+from utils.device import fused_adamw
 
 
 def lr_at(step: int, cfg: ScheduleConfig, peak_lr: float, max_steps: int) -> float:
@@ -122,7 +123,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                     adam_lr=cfg.lr)
     groups = [dict(params=matrices, weight_decay=cfg.weight_decay), dict(params=vectors, weight_decay=0.0)]
     # one fused kernel over all tensors; on CPU (torch 2.4+) it cut AdamW's time 4x (docs/benchmarks.md)
-    fused = cfg.fused and device.type in ("cuda", "cpu")
+    fused = cfg.fused and fused_adamw(device)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 

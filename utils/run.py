@@ -27,11 +27,12 @@ from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
 from utils import checkpoint as ckpt
 from utils.checkpoint import Checkpointer, CheckpointError
+from utils.device import device_name
 from utils.distributed import DistInfo, broadcast_object, gather_object
 from utils.errors import UserError
 from utils.metrics import MetricsLogger, ThroughputMeter, flops_per_token, peak_flops
 from utils.optim import build_optimizer, build_scheduler
-from utils.precision import autocast_context, grad_scaler
+from utils.precision import Precision, autocast_context, grad_scaler, resolve_run_precision
 from utils.sinks import require_wandb
 from utils.stopping import StopFlag
 from utils.trainer import Trainer
@@ -196,10 +197,9 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
 
 
 def summary(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, n_params: int,
-            logger: MetricsLogger) -> list[str]:
+            precision: Precision, logger: MetricsLogger) -> list[str]:
     """The start-up lines on the console (the full resolved config goes to the log file)."""
     m, t = cfg.model, cfg.train
-    device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else platform.processor() or "cpu"
     batch = t.global_batch(info.world_size)
     return [
         f"model: {n_params:,} parameters (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, context "
@@ -208,8 +208,9 @@ def summary(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, 
         f"{plan.steps_per_epoch} steps per epoch",
         f"global batch: {t.batch_size} per process x {t.grad_accum_steps} accumulation x {info.world_size} "
         f"process(es) = {batch} sequences, {batch * m.context_length:,} tokens per step",
-        f"precision: {t.precision} (train.precision) | device: {info.device} ({device}) | torch {torch.__version__} "
-        f"| python {platform.python_version()} | git {git_revision()}",
+        f"precision: {precision.name} ({precision.reason})",
+        f"device: {info.device} ({device_name(info.device)}) | torch {torch.__version__} | python {platform.python_version()} | "
+        f"git {git_revision()}",
         f"checkpoints: {cfg.checkpoint.dir} | log: {logger.path} | TensorBoard: {logger.tb_dir}",
     ]
 
@@ -227,6 +228,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     resumed = decide_resume(checkpointer, resume, info)
     if resumed:
         check_fits(cfg, *resumed)
+    cfg, precision = resolve_run_precision(cfg, info, resumed[1] if resumed else None)
     plan, val_data = load_data(cfg, info)
     Validator.check_feasible(val_data, cfg.eval)
     n_params = check_memory(cfg, info)
@@ -241,7 +243,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
                            logging=cfg.logging, config=config_to_dict(cfg))
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
-        for line in summary(cfg, info, plan, val_data, n_params, logger):
+        for line in summary(cfg, info, plan, val_data, n_params, precision, logger):
             logger.info(line)
         with StopFlag() as stop:
             trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop)

@@ -1,0 +1,99 @@
+"""Which device a process runs on, and the few choices that differ by device type.
+
+`--device auto|cpu|cuda|cuda:N|mps` means the same in every entry point; auto takes CUDA, then
+Apple's MPS, then the CPU. Everything else that depends on the device type asks here: whether to
+pin host memory, use fused optimizer kernels, how to wait for queued work and what the device is
+called. The MPS branches are written from PyTorch's documentation and are untested (no Apple
+hardware in CI); they are kept to the checks below.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from models.config import UserError
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
+    """The torch.device for --device (None = auto); a CUDA device without an index takes local_rank's GPU."""
+    if device_arg in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("mps") if mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise UserError(f"--device {device_arg!r} is not a device; use one of {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device_arg} asked for CUDA, but no CUDA GPU is visible "
+                            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UserError(f"cuda:{index} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not mps_available():
+            raise UserError(f"--device mps asked for Apple's GPU, but MPS is not available here; use one of "
+                            f"{DEVICE_CHOICES}")
+        return torch.device("mps")
+    if device.type != "cpu":
+        raise UserError(f"--device {device_arg} is not supported; use one of {DEVICE_CHOICES}")
+    return device
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Page-locked host buffers pay only for asynchronous copies to a CUDA GPU."""
+    return device.type == "cuda"
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Fused AdamW exists for CUDA and, since torch 2.4, CPU; MPS is left on the default kernel (untested)."""
+    return device.type in ("cuda", "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_bf16_support() -> str:
+    """The CPU's native bf16 matrix instructions, if /proc/cpuinfo lists any."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return next((f.upper() for f in ("amx_bf16", "avx512_bf16") if f in flags.split()), "no native bf16")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, core count and native bf16 support."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {cpu_bf16_support()})"
