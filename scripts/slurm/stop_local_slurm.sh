@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the daemons that scripts/slurm/start_local_slurm.sh started (slurmd, slurmctld, munged), by
-# their pid files only. Safe when nothing runs. Jobs still running keep running (slurmstepd outlives
+# Stop the daemons that scripts/slurm/start_local_slurm.sh started (every slurmd, slurmctld, munged), by
+# their pid files only, and remove the nodes' network namespaces (scripts/slurm/local_nodes.sh). Safe when
+# nothing runs. Jobs still running keep running (slurmstepd outlives
 # slurmd): scancel them first. Job state is kept unless --purge, which also clears the logs.
 set -uo pipefail
 
@@ -18,9 +19,11 @@ stop() {  # stop PIDFILE NAME: SIGTERM, up to 15 s to exit, then SIGKILL
   rm -f "$1"
 }
 
-stop /run/slurmd.pid slurmd
+# /run/slurmd.pid: a cluster started before slurmd's pid files were named after the node
+for pidfile in /run/slurmd.pid /run/slurmd-*.pid; do stop "$pidfile" slurmd; done
 stop /run/slurmctld.pid slurmctld
 stop /run/munge/munged.pid munged
+bash "$(dirname "$0")/local_nodes.sh" down
 
 if [ "${1:-}" = --purge ]; then
   rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* /var/log/slurm/*.log
