@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT, child_env, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+NODELIST = {1: "localhost", 2: "node[1-2]"}  # the nodes of a local cluster by its size
 
 
 def node_count() -> int:
@@ -89,7 +90,7 @@ def test_sbatch_trains_to_the_end(slurm, tiny_data, tmp_path, script):
         proc.communicate(timeout=180)
     log = job_log(tmp_path, job)
     assert proc.returncode == 0, log
-    assert f"job {job} (restart 0)" in log and f"{slurm} node(s) x {2 // slurm} processes" in log
+    assert f"job {job} (restart 0) on {NODELIST[slurm]}: {slurm} node(s) x {2 // slurm} processes" in log
     assert "world size 2" in log
     assert "done: 6 steps" in log and "training step exited with code 0" in log
     state = torch.load(tmp_path / "ckpt/step_0000006.pt", weights_only=True)["trainer"]
@@ -107,7 +108,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 @pytest.mark.parametrize("script, nodes", [("train_multinode.sh", 2), ("train_8gpu.sh", 1)])
 def test_usr1_saves_requeues_and_resumes_to_the_end(slurm, tiny_data, tmp_path, script):
     """USR1 to the batch shell (as --signal=B:USR1@120): save, requeue, resume there, finish; sbatch --wait 0."""
-    overrides = tiny_overrides(tiny_data, tmp_path, train__max_steps=600, train__save_every=20, train__keep_last=40,
+    overrides = tiny_overrides(tiny_data, tmp_path, train__max_steps=300, train__save_every=20, train__keep_last=40,
                                train__eval_every=0, train__log_every=100, train__sample_tokens=0)
     with submitted(script, tmp_path, *overrides, nodes=slurm) as (job, proc):
         wait_for(tmp_path / "ckpt/step_0000020.pt", proc, timeout=120)
@@ -117,7 +118,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_end(slurm, tiny_data, tmp_path, 
     assert proc.returncode == 0, log
     step = int(re.search(r"stop signal received: stopped at step (\d+)", log).group(1))
     saved = tmp_path / f"ckpt/step_{step:07d}.pt"
-    assert 20 <= step < 600 and saved.exists()
-    assert f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
-    assert f"resumed from {saved} at step {step}" in log and "done: 600 steps" in log
-    assert torch.load(tmp_path / "ckpt/last_checkpoint.pt", weights_only=True)["trainer"]["step"] == 600
+    assert 20 <= step < 300 and saved.exists()
+    assert f"requeueing job {job}" in log and f"job {job} (restart 1) on {NODELIST[slurm]}" in log
+    assert f"resumed from {saved} at step {step}" in log and "done: 300 steps" in log
+    assert torch.load(tmp_path / "ckpt/last_checkpoint.pt", weights_only=True)["trainer"]["step"] == 300

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The network identities of a multi-node local SLURM cluster on one machine: one network namespace per
-# node (slurm-node1, slurm-node2, ...), each with its own address on a private bridge, so that one
-# slurmd per node can listen on the same port and a job's processes on different "nodes" reach each
-# other only through the network, as on a real cluster. Used by start_local_slurm.sh/stop_local_slurm.sh.
+# The identities of a multi-node local SLURM cluster on one machine: one network namespace per node
+# (slurm-node1, slurm-node2, ...), each with its own address on a private bridge, so that one slurmd per
+# node can listen on the same port and a job's processes on different "nodes" reach each other only
+# through the network, as on a real cluster. Used by start_local_slurm.sh and stop_local_slurm.sh.
 #   bash scripts/slurm/local_nodes.sh up N      # idempotent; prints nothing
-#   bash scripts/slurm/local_nodes.sh exec node1 CMD...   # CMD as a process of node1
+#   bash scripts/slurm/local_nodes.sh exec node1 CMD...   # CMD as a process of node1 (hostname node1)
 #   bash scripts/slurm/local_nodes.sh down      # removes every namespace, link and file that `up` made
 # The addresses exist only on this machine: 10.213.0.254 on the host end of the bridge (slurmctld), and
-# 10.213.0.I in namespace slurm-nodeI. For a process of node I, /etc/hosts names every node and maps this
-# machine's hostname to 10.213.0.I, so that torchrun and gloo pick the node's own address, as on a real node.
+# 10.213.0.I in namespace slurm-nodeI, which has no route elsewhere. A process of node I sees the hostname
+# nodeI and an /etc/hosts naming every node, so torchrun and gloo pick the node's own address, as on a
+# real node.
 set -euo pipefail
 
 NET=10.213.0
@@ -32,16 +33,17 @@ up() {
       ip -n "$ns" link set lo up
     fi
     mkdir -p "/etc/netns/$ns"
-    printf '%s\n%s.%s %s\n' "$hosts" "$NET" "$i" "$(hostname)" > "/etc/netns/$ns/hosts"
+    printf '%s\n' "$hosts" > "/etc/netns/$ns/hosts"
   done
 }
 
-run_on() {  # run_on NODE CMD...: in the node's network namespace, with its /etc/hosts
-  local ns=slurm-$1
+run_on() {  # run_on NODE CMD...: in the node's network namespace, with its hostname and /etc/hosts
+  local node=$1
   shift
   # not `ip netns exec`: it remounts /sys, which hides /sys/fs/cgroup, and slurmd then refuses to start
-  exec nsenter --net="/run/netns/$ns" unshare --mount --propagation slave \
-    sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "/etc/netns/$ns/hosts" "$@"
+  # shellcheck disable=SC2016  # expanded by the inner sh
+  exec nsenter --net="/run/netns/slurm-$node" unshare --mount --uts --propagation slave \
+    sh -c 'mount --bind "/etc/netns/slurm-$0/hosts" /etc/hosts && hostname "$0" && exec "$@"' "$node" "$@"
 }
 
 down() {
