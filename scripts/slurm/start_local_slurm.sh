@@ -5,8 +5,9 @@
 #   NODES=2 bash scripts/slurm/start_local_slurm.sh  # nodes node1, node2: one slurmd each, in its own
 #                                                    # network namespace (scripts/slurm/local_nodes.sh)
 #   bash scripts/slurm/stop_local_slurm.sh [--purge]
-# Needs root and, the first time, apt (Debian/Ubuntu: slurmctld slurmd slurm-client munge). Works
-# without systemd. Writes /etc/slurm/slurm.conf; restarts the daemons only when that file changes.
+# Needs root and, the first time, apt (Debian/Ubuntu: slurmctld slurmd slurm-client munge; iproute2 for
+# NODES > 1). Works without systemd. Writes /etc/slurm/slurm.conf; restarts the daemons only when that
+# file changes.
 # Env: SLURM_START_TIMEOUT, seconds to wait for the nodes to accept jobs (default 60); NODES (default 1;
 # at most 8), each node with all of this machine's CPUs and memory. Another NODES restarts the daemons.
 set -euo pipefail
@@ -31,11 +32,17 @@ if ! [[ $NODES =~ ^[1-8]$ ]]; then
   exit 2
 fi
 
+PACKAGES=()
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
     || ! command -v munged >/dev/null; then
+  PACKAGES+=(slurmctld slurmd slurm-client munge)
+fi
+# local_nodes.sh makes the nodes of a multi-node cluster with ip
+[ "$NODES" = 1 ] || command -v ip >/dev/null || PACKAGES+=(iproute2)
+if [ ${#PACKAGES[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 fi
 
 # The node's hardware as slurmd itself detects it, so RealMemory and CPUs never disagree with it.

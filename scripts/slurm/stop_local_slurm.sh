@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stop the daemons that scripts/slurm/start_local_slurm.sh started (every slurmd, slurmctld, munged), by
 # their pid files only, and remove the nodes' network namespaces (scripts/slurm/local_nodes.sh). Safe when
-# nothing runs. Jobs still running keep running (slurmstepd outlives
-# slurmd): scancel them first. Job state is kept unless --purge, which also clears the logs.
+# nothing runs. Jobs still running keep running (slurmstepd outlives slurmd): scancel them first. Job
+# state is kept unless --purge, which also clears the logs.
 set -uo pipefail
 
 stop() {  # stop PIDFILE NAME: SIGTERM, up to 15 s to exit, then SIGKILL
