@@ -20,7 +20,8 @@ stop() {  # stop PIDFILE NAME: SIGTERM, up to 15 s to exit, then SIGKILL
 }
 
 # /run/slurmd.pid: a cluster started before slurmd's pid files were named after the node
-for pidfile in /run/slurmd.pid /run/slurmd-*.pid; do stop "$pidfile" slurmd; done
+for pidfile in /run/slurmd.pid /run/slurmd-*.pid; do stop "$pidfile" slurmd & done
+wait
 stop /run/slurmctld.pid slurmctld
 stop /run/munge/munged.pid munged
 bash "$(dirname "$0")/local_nodes.sh" down
