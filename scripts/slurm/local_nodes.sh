@@ -18,12 +18,13 @@ BRIDGE=slurmbr0
 up() {
   local n=$1 i ns hosts
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "inet $NET.254/" || ip addr add "$NET.254/24" dev "$BRIDGE"
+  # tests of command output, not `| grep -q`: under pipefail grep's early exit can fail the pipe
+  [[ $(ip -4 addr show dev "$BRIDGE") == *"inet $NET.254/"* ]] || ip addr add "$NET.254/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   hosts=$(printf '127.0.0.1 localhost\n'; for i in $(seq "$n"); do printf '%s.%s node%s\n' "$NET" "$i" "$i"; done)
   for i in $(seq "$n"); do
     ns=slurm-node$i
-    if ! ip netns list | grep -qw "$ns"; then
+    if [ ! -e "/run/netns/$ns" ]; then
       ip netns add "$ns"
       # host end named after the node, node end eth0 inside the namespace
       ip link add "$ns" type veth peer name eth0 netns "$ns"
@@ -48,8 +49,8 @@ run_on() {  # run_on NODE CMD...: in the node's network namespace, with its host
 
 down() {
   local ns
-  for ns in $(ip netns list | grep -o '^slurm-node[0-9]*' || true); do
-    ip netns del "$ns"  # also deletes its veth pair and unmounts /run/netns/$ns
+  for ns in /run/netns/slurm-node*; do
+    [ -e "$ns" ] && ip netns del "${ns##*/}"  # also deletes its veth pair and unmounts /run/netns/NAME
   done
   rm -rf /etc/netns/slurm-node*
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
