@@ -65,8 +65,9 @@ def assert_same_training(a: Path, b: Path) -> None:
 def global_batches(records: Path) -> dict[int, list[int]]:
     """Window starts per step in global order (micro-step, then rank), as one process would take them."""
     seen = {}
-    for rank in (0, 1):
-        for line in (records / f"rank{rank}.jsonl").read_text().splitlines():
+    for path in records.glob("rank*.jsonl"):
+        rank = int(path.stem.removeprefix("rank"))
+        for line in path.read_text().splitlines():
             r = json.loads(line)
             seen[r["step"], r["micro_step"], rank] = r["starts"]
     return {step: [s for key in sorted(k for k in seen if k[0] == step) for s in seen[key]]

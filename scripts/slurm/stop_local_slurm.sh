@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stop the daemons that scripts/slurm/start_local_slurm.sh started (slurmd, slurmctld, munged), by
-# their pid files only. Safe when nothing runs. Jobs still running keep running (slurmstepd outlives
-# slurmd): scancel them first. Job state is kept unless --purge, which also clears the logs.
+# Stop the daemons that scripts/slurm/start_local_slurm.sh started (every slurmd, slurmctld, munged), by
+# their pid files only, and remove the nodes' network namespaces (scripts/slurm/local_nodes.sh). Safe when
+# nothing runs. Jobs still running keep running (slurmstepd outlives slurmd): scancel them first. Job
+# state is kept unless --purge, which also clears the logs.
 set -uo pipefail
 
 stop() {  # stop PIDFILE NAME: SIGTERM, up to 15 s to exit, then SIGKILL
@@ -18,9 +19,12 @@ stop() {  # stop PIDFILE NAME: SIGTERM, up to 15 s to exit, then SIGKILL
   rm -f "$1"
 }
 
-stop /run/slurmd.pid slurmd
+# /run/slurmd.pid: a cluster started before slurmd's pid files were named after the node
+for pidfile in /run/slurmd.pid /run/slurmd-*.pid; do stop "$pidfile" slurmd & done
+wait
 stop /run/slurmctld.pid slurmctld
 stop /run/munge/munged.pid munged
+bash "$(dirname "$0")/local_nodes.sh" down
 
 if [ "${1:-}" = --purge ]; then
   rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* /var/log/slurm/*.log

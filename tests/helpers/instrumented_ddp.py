@@ -1,6 +1,8 @@
 """train_ddp.py with optional test probes, switched on by environment variables.
 
     RECORD_BATCHES=DIR                    each rank appends the windows it trains on to DIR/rank<R>.jsonl
+    RECORD_RANKS=DIR                      each rank writes its DistInfo, torchrun's GROUP_RANK and its parent's pid
+                                          (its torchrun agent) to DIR/rank<R>.json
     FAIL_RANK=1 FAIL_AT_STEP=2            that rank raises in train_step at that step (a fault, not a hang)
 
 The probes wrap Trainer/BatchPlan methods from outside, so the product code carries no test hooks.
@@ -31,6 +33,20 @@ def record_batches(out: Path) -> None:
     BatchPlan.batch = recording_batch
 
 
+def record_ranks(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    init = Trainer.__init__
+
+    def recording_init(self: Trainer, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        info = self.info
+        record = {"rank": info.rank, "local_rank": info.local_rank, "world_size": info.world_size,
+                  "device": str(info.device), "group_rank": int(os.environ["GROUP_RANK"]), "agent_pid": os.getppid()}
+        (out / f"rank{info.rank}.json").write_text(json.dumps(record))
+
+    Trainer.__init__ = recording_init
+
+
 def fail_at(rank: int, step: int) -> None:
     train_step = Trainer.train_step
 
@@ -45,6 +61,8 @@ def fail_at(rank: int, step: int) -> None:
 if __name__ == "__main__":
     if "RECORD_BATCHES" in os.environ:
         record_batches(Path(os.environ["RECORD_BATCHES"]))
+    if "RECORD_RANKS" in os.environ:
+        record_ranks(Path(os.environ["RECORD_RANKS"]))
     if "FAIL_RANK" in os.environ:
         fail_at(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_AT_STEP"]))
     sys.exit(train_ddp.main())
