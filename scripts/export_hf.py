@@ -174,6 +174,16 @@ def patch_json(path: Path, **values: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2) + "\n")
 
 
+def usual_permissions(folder: Path) -> None:
+    """What a plain open() and mkdir() would give under the user's umask (save_pretrained in
+    transformers 5 leaves model.safetensors at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 @torch.no_grad()
 def logit_error(model: GPT, folder: Path) -> float:
     """Largest |logit difference| between our model and the folder loaded fresh, on random bytes,
@@ -206,6 +216,7 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4) -> str:
         if error > rtol:
             raise ExportError(f"the exported {type(hf).__name__} differs from the checkpoint (relative logit error "
                               f"{error:.1e}); nothing was written. Please report this with the model config")
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

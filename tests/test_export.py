@@ -4,6 +4,7 @@ our logits and greedy continuations; options no standard class expresses are ref
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,12 @@ def test_an_export_that_differs_is_not_written(tmp_path, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def quickstart_export(tmp_path_factory) -> Path:
+def quickstart_export(tmp_path_factory) -> Iterator[Path]:
     """A randomly initialised model of the quick start's shape (GPT-2, learned positions, context 128),
-    exported as hf_model under a default umask."""
+    exported as hf_model under a default umask. One torch thread while it is in use: on a shared
+    2-core machine more threads make generation several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("quickstart")
     torch.manual_seed(0)
     cfg = Config(model=load_config(ROOT / "configs/cpu_quickstart.yaml").model)
@@ -132,7 +136,8 @@ def quickstart_export(tmp_path_factory) -> Path:
         assert export_hf.main(["--checkpoint", str(folder / "model.pt"), "--out", str(folder / "hf_model")]) == 0
     finally:
         os.umask(umask)
-    return folder
+    yield folder
+    torch.set_num_threads(threads)
 
 
 def readme_hf_snippet() -> str:
