@@ -9,18 +9,10 @@ Our options map onto the standard architecture that computes the same function:
 Any other combination is refused (exit 2) instead of becoming a silently different model. The
 folder is written beside --out, loaded back with transformers and its logits compared with ours
 before it takes the name --out. Weights are model.safetensors (fp32). Tokens are the 256 byte
-values; a byte-level tokenizer is saved too, so either of these generates:
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("hf_model")
-    ids = torch.tensor([list("Once upon a time".encode())])            # bytes are the token ids
-    out = model.generate(ids, max_new_tokens=200, do_sample=True, top_k=40)
-    print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
-    tok = AutoTokenizer.from_pretrained("hf_model")                     # the same, through a tokenizer
-    print(tok.decode(model.generate(**tok("Once upon a time", return_tensors="pt"), max_new_tokens=200)[0]))
-
-GPT-2 exports cannot go past context_length tokens in total (its learned positions end there),
-and none of the exports slides the window as inference.py does.
+values; a byte-level tokenizer is saved too. The README's "Hugging Face export" section shows
+generate() and pipeline("text-generation") on the folder with their stock defaults: generation stops
+at max_length = context_length tokens (generation_config.json), and batches are padded on the left
+with byte 0 (NUL), since the 256 byte ids leave no spare one. There is no bos or eos token.
 """
 
 from __future__ import annotations
@@ -43,6 +35,9 @@ from models.transformer import GPT  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.device import DEVICE_CHOICES, resolve_device  # noqa: E402
 
+# Text never contains NUL, and the attention mask hides padding anyway, so byte 0 can pad without a
+# 257th id (which would change the embedding shape and the logits we check against).
+PAD = 0
 SUPPORTED = ("pos_emb=learned + norm=layernorm + activation=gelu (GPT-2), "
              "pos_emb=rope + norm=rmsnorm + activation=swiglu (Llama; with qk_norm=true and bias=false: Qwen3)")
 
@@ -123,7 +118,7 @@ def hf_model(model: GPT) -> torch.nn.Module:
         raise ExportError("the export needs transformers: pip install transformers safetensors") from None
     transformers.utils.logging.disable_progress_bar()
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
-                  eos_token_id=None, pad_token_id=None)
+                  eos_token_id=None, pad_token_id=PAD)
     if arch == "gpt2":
         config = transformers.GPT2Config(n_positions=cfg.context_length, n_embd=cfg.dim, n_layer=cfg.n_layers,
                                          n_head=cfg.n_heads, n_inner=cfg.ffn_dim, activation_function="gelu",
@@ -145,6 +140,9 @@ def hf_model(model: GPT) -> torch.nn.Module:
             config, cls = transformers.LlamaConfig(mlp_bias=cfg.bias, **llama), transformers.LlamaForCausalLM
         weights = llama_weights(model)
     hf = cls(config)
+    # generate() and pipeline() default to 20 (or 256 new) tokens; GPT-2's position table ends at context_length
+    hf.generation_config.max_length = cfg.context_length
+    hf.generation_config.pad_token_id = PAD
     hf.load_state_dict({k: v.detach().float().contiguous() for k, v in weights.items()}, strict=True)
     return hf.eval()
 
@@ -156,8 +154,8 @@ def byte_to_char() -> dict[int, str]:
     return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
 
 
-def save_byte_tokenizer(out: Path) -> None:
-    """A tokenizer whose ids are the UTF-8 bytes (no merges, no special tokens), for AutoTokenizer."""
+def save_byte_tokenizer(out: Path, context_length: int) -> None:
+    """A tokenizer whose ids are the UTF-8 bytes (no merges; byte 0 doubles as the pad token), for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -165,13 +163,27 @@ def save_byte_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(out))
+    # split_special_tokens: the pad token's stand-in character (U+0100) in a text is its two UTF-8 bytes, not id 0.
+    # Left padding, so a batch's new tokens all follow their prompts; no clean-up, so decoding gives the bytes back.
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=byte_to_char()[PAD], padding_side="left",
+                            model_max_length=context_length, split_special_tokens=True,
+                            clean_up_tokenization_spaces=False).save_pretrained(str(out))
     # transformers 5 names the class TokenizersBackend, which 4.x does not know; both know this alias
     patch_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
 
 
 def patch_json(path: Path, **values: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2) + "\n")
+
+
+def usual_permissions(folder: Path) -> None:
+    """What a plain open() and mkdir() would give under the user's umask (save_pretrained in
+    transformers 5 leaves model.safetensors at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 @torch.no_grad()
@@ -199,13 +211,16 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4, device: torch.
     bar.update()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # beside out, so the final rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ExportError(f"cannot create --out {out}: {e.strerror}; choose a folder you can write") from None
     try:
         hf.save_pretrained(str(tmp))  # safetensors
         if model.cfg.pos_emb == "rope":  # transformers 5 writes only rope_parameters; 4.x would default to 10000
             patch_json(tmp / "config.json", rope_theta=model.cfg.rope_base)
         if model.cfg.vocab_size >= 256:
-            save_byte_tokenizer(tmp)
+            save_byte_tokenizer(tmp, model.cfg.context_length)
         bar.update()
         error = logit_error(model, tmp)
         bar.update()
@@ -213,6 +228,7 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4, device: torch.
         if error > rtol:
             raise ExportError(f"the exported {type(hf).__name__} differs from the checkpoint (relative logit error "
                               f"{error:.1e}); nothing was written. Please report this with the model config")
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     p.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     p.add_argument("--device", default="cpu", help=f"where the logit check runs: {DEVICE_CHOICES} (default cpu)")
-    args = p.parse_args(argv)
 
     def body() -> int:
+        args = p.parse_args(argv)
         name = export(args.checkpoint, Path(args.out), device=resolve_device(args.device))
         print(f"wrote {args.out} ({name}); load it with transformers.AutoModelForCausalLM.from_pretrained")
         return 0

@@ -2,6 +2,10 @@
 our logits and greedy continuations; options no standard class expresses are refused."""
 
 import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; never reach for the Hub
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_script  # noqa: E402
-from models.config import Config, ModelConfig, config_to_dict  # noqa: E402
+from conftest import ROOT, run_script  # noqa: E402
+from models.config import Config, ModelConfig, config_to_dict, load_config  # noqa: E402
 from models.transformer import GPT  # noqa: E402
 from scripts import export_hf  # noqa: E402
 from utils.checkpoint import CONFIG, FORMAT, FORMAT_VERSION, MODEL, save_checkpoint  # noqa: E402
@@ -113,3 +117,76 @@ def test_an_export_that_differs_is_not_written(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "differs from the checkpoint" in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_export(tmp_path_factory) -> Iterator[Path]:
+    """A randomly initialised model of the quick start's shape (GPT-2, learned positions, context 128),
+    exported as hf_model under a default umask. One torch thread while it is in use: on a shared
+    2-core machine more threads make generation several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("quickstart")
+    torch.manual_seed(0)
+    cfg = Config(model=load_config(ROOT / "configs/cpu_quickstart.yaml").model)
+    save_checkpoint({MODEL: GPT(cfg.model).state_dict(), CONFIG: config_to_dict(cfg), FORMAT: FORMAT_VERSION},
+                    folder / "model.pt")
+    umask = os.umask(0o022)
+    try:
+        assert export_hf.main(["--checkpoint", str(folder / "model.pt"), "--out", str(folder / "hf_model")]) == 0
+    finally:
+        os.umask(umask)
+    yield folder
+    torch.set_num_threads(threads)
+
+
+def readme_hf_snippet() -> str:
+    """The README's ```python block that follows the export command."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"python scripts/export_hf\.py[^\n]*\n```\n```python\n(.*?)```", readme, re.S)
+    assert found, "README: the export command is no longer followed by its ```python snippet"
+    return found.group(1)
+
+
+def test_readme_snippet_runs_verbatim(quickstart_export, monkeypatch, capsys):
+    """The README's snippet, as written, on the quick-start model: stock defaults stay within the position table."""
+    monkeypatch.chdir(quickstart_export)
+    exec(compile(readme_hf_snippet(), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.count("Once upon a time") >= 3 and "ROMEO:" in printed, printed
+
+
+def test_batched_pipeline_matches_one_at_a_time(quickstart_export):
+    """Prompts of different lengths in one batch (left-padded with byte 0) continue as they do alone."""
+    generator = transformers.pipeline("text-generation", model=str(quickstart_export / "hf_model"))
+    prompts = ["Once upon a time", "To be", "ROMEO:\nWhat light"]
+    batched = generator(prompts, batch_size=3, do_sample=False, max_new_tokens=8)
+    alone = [generator(p, do_sample=False, max_new_tokens=8) for p in prompts]
+    assert batched == alone
+    assert all(out[0]["generated_text"].startswith(p) for out, p in zip(batched, prompts))
+    full = generator("x", do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert len(full) == 128  # the stock max_length: the whole context, and no further
+
+
+def test_export_carries_context_and_padding(quickstart_export):
+    """generation_config and tokenizer know the context length and the pad byte; no bos/eos."""
+    folder = quickstart_export / "hf_model"
+    gen = transformers.GenerationConfig.from_pretrained(folder)
+    assert (gen.max_length, gen.pad_token_id, gen.bos_token_id, gen.eos_token_id) == (128, 0, None, None)
+    assert transformers.AutoConfig.from_pretrained(folder).pad_token_id == 0
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.model_max_length, tok.pad_token_id, tok.padding_side) == (128, 0, "left")
+    assert tok.bos_token is None and tok.eos_token is None
+    assert tok("\u0100")["input_ids"] == [0xC4, 0x80]  # the pad token's stand-in character is just text
+    batch = tok(["ab", "abcd"], padding=True)
+    assert batch["input_ids"] == [[0, 0, 97, 98], [97, 98, 99, 100]]
+    assert batch["attention_mask"] == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_export_has_the_usual_permissions(quickstart_export):
+    """Under umask 022 the folder is 0755 and every file 0644, as any other file the user writes."""
+    folder = quickstart_export / "hf_model"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= modes.keys()
