@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from models.config import UserError
+from utils.errors import UserError
 from utils.device import fused_adamw, mps_available, pin_memory, resolve_device
 
 

@@ -14,7 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; never reach for 
 transformers = pytest.importorskip("transformers")
 
 from conftest import ROOT, run_script  # noqa: E402
-from models.config import Config, ModelConfig, config_to_dict, load_config  # noqa: E402
+from models.config import Config, ModelConfig  # noqa: E402
+from models.config_loader import config_to_dict, load_config  # noqa: E402
 from models.transformer import GPT  # noqa: E402
 from scripts import export_hf  # noqa: E402
 from utils.checkpoint import CONFIG, FORMAT, FORMAT_VERSION, MODEL, save_checkpoint  # noqa: E402

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, make_dataset, run_script, tiny_overrides
+from conftest import child_env, finish, make_dataset, run_script, start, tiny_overrides
 from data.dataset import BatchPlan, load_split
-from test_distributed import (CORPUS, HELPER, RUN, STEPS, assert_same_training, free_port, global_batches, run_bounded,
-                              start)
+from test_distributed import CORPUS, HELPER, RUN, STEPS, assert_same_training, free_port, global_batches
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +52,8 @@ def nodes(*node_args: list[str | Path], env: dict[str, str]) -> Iterator[list[su
     env = dict(env, MULTINODE_TEST=tag)
     port = free_port()
     try:
-        procs = [start(agent_cmd(rank, port, *args), env) for rank, args in enumerate(node_args)]
-        outs = run_bounded(procs, timeout=300)
+        procs = [start(agent_cmd(rank, port, *args), env, merge_stderr=True) for rank, args in enumerate(node_args)]
+        outs = [finish(p, timeout=300).stdout for p in procs]
         assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(outs)
         yield procs
     finally:

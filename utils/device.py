@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.config import UserError
+from utils.errors import UserError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 

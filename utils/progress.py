@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from models.config import UserError
+from utils.errors import UserError
 
 INTERVAL_ENV = "BYTEGPT_PROGRESS_INTERVAL"
 

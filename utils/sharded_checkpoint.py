@@ -132,7 +132,7 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:
 
 def full_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(full unsharded weights, extra state) of a folder; call it outside any process group."""
-    from models.config import config_from_dict
+    from models.config_loader import config_from_dict
     from models.transformer import GPT
 
     extra = read_extra(folder)

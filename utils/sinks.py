@@ -10,7 +10,8 @@ import math
 import time
 from pathlib import Path
 
-from models.config import LoggingConfig, UserError
+from models.config import LoggingConfig
+from utils.errors import UserError
 
 WANDB_INSTALL = "pip install wandb"
 
