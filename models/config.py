@@ -212,15 +212,6 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-    dir: str = "logs"
-    """text logs (train_<run>.log) and TensorBoard runs (tensorboard/<run>/)"""
-
-    def __post_init__(self) -> None:
-        _check(self.dir != "", "logging.dir must not be empty")
-
-
-@dataclass(frozen=True)
 class DistributedConfig:
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo"""
@@ -241,6 +232,8 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    dir: str = "logs"
+    """text logs (train_<run>.log), metrics (train_<run>.metrics.jsonl) and TensorBoard runs (tensorboard/<run>/)"""
     wandb: bool = False
     """also send the scalars, the config and the text samples to Weights & Biases (pip install wandb)"""
     wandb_project: str = "bytegpt"
