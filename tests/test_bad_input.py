@@ -74,10 +74,13 @@ RUN_KEYS = ["model.dim", "model.n_layers", "model.n_heads", "model.context_lengt
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(RUN_KEYS), value=st.one_of(NASTY_NUMBERS, st.integers(0, 300).map(str),
-                                                      st.text(max_size=12)))
+@given(key=st.sampled_from(RUN_KEYS), value=st.one_of(
+    st.integers(-5, 300).map(str), st.floats(allow_nan=True, allow_infinity=True, width=16).map(str),
+    st.sampled_from(["nan", "inf", "1e-3", "", "2.5", "-0", "10**9"]), st.text(max_size=12)))
 def test_generated_training_runs_finish_or_exit_2(capsys, tiny_data, key, value):
-    """A real (1-step) training run with one generated override trains or exits 2 with one line."""
+    """A real (1-step) training run with one generated override trains or exits 2 with one line.
+
+    Values stay small where they set the amount of work (huge ones are checked without running)."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = tiny_overrides(tiny_data, Path(tmp), train__max_steps=1, eval__sample_tokens=2) + [f"{key}={value}"]
         code = train_single.main(argv)
@@ -93,13 +96,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 ARG_VALUES = st.one_of(NASTY_NUMBERS, st.integers(-3, 12).map(str), st.text(max_size=6))
+SMALL = st.one_of(st.integers(-2, 4).map(str), st.text(max_size=4), st.sampled_from(["nan", "1e3", ""]))
+# the amount of work stays small: a huge --max-new-tokens or --num-samples is a valid (long) request
+FLAGS = st.one_of(st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--seed", "--stop", "--precision",
+                                             "--device"]), ARG_VALUES),
+                  st.tuples(st.sampled_from(["--max-new-tokens", "--num-samples"]), SMALL))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(flags=st.lists(st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--max-new-tokens",
-                                                 "--num-samples", "--seed", "--stop", "--precision", "--device"]),
-                                ARG_VALUES), max_size=3))
+@given(flags=st.lists(FLAGS, max_size=3))
 def test_generated_inference_arguments_sample_or_exit_2(capsys, checkpoint, flags):
     """inference.py with generated flag values samples or exits 2 with one line."""
     argv = ["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "3"]
@@ -107,6 +113,15 @@ def test_generated_inference_arguments_sample_or_exit_2(capsys, checkpoint, flag
         argv += [flag, str(value)]
     code = inference.main(argv)
     assert_one_line_or_success(code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("override", ["model.dim=1048576", "model.n_layers=100000000", "model.context_length=10**12",
+                                      "model.ffn_dim=4000000000"])
+def test_a_model_too_large_for_memory_is_refused_before_any_allocation(capsys, tiny_data, tmp_path, override):
+    """Absurd sizes are refused at once, from the shapes alone, with the keys to lower."""
+    code = train_single.main([*tiny_overrides(tiny_data, tmp_path), override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and ("GiB free" in err or "must be int" in err), err
 
 
 @pytest.mark.parametrize("device", ["tpu", "meta", "cuda:99", "mps", "xla", "garbage", "", "cpu:3"])

@@ -94,20 +94,22 @@ def check_fits(cfg: Config, path: str, state: dict) -> None:
                               f"resume with the same model settings")
 
 
-def check_memory(cfg: Config, info: DistInfo) -> int:
-    """The parameter count; refuses a model whose weights, gradients and AdamW state (16 bytes per
-    parameter) cannot fit in the device's free memory, before any allocation."""
-    with torch.device("meta"):
-        n = GPT(cfg.model).num_params()
+def check_memory(cfg: Config, info: DistInfo) -> None:
+    """Refuse a model whose weights, gradients and AdamW state (16 bytes per parameter) cannot fit in
+    the device's free memory, before anything is allocated. The count is from the shapes alone (a
+    lower bound: the matrices of the blocks, the embeddings and positions), so it is instant even for
+    absurd sizes."""
+    m = cfg.model
+    mlp = (3 if m.activation == "swiglu" else 2) * m.dim * m.ffn_dim
+    n = m.n_layers * (4 * m.dim * m.dim + mlp) + (m.vocab_size + m.context_length) * m.dim
     if info.device.type == "cuda":
         free = torch.cuda.mem_get_info(info.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if 16 * n > free:
-        raise ConfigError(f"the model has {n:,} parameters, which need ~{16 * n / 2**30:.1f} GiB for weights, "
-                          f"gradients and optimizer state, more than the {free / 2**30:.1f} GiB free on "
+        raise ConfigError(f"the model has at least {n:,} parameters, which need ~{16 * n / 2**30:.1f} GiB for "
+                          f"weights, gradients and optimizer state, more than the {free / 2**30:.1f} GiB free on "
                           f"{info.device}; lower model.dim, model.n_layers, model.ffn_dim or model.context_length")
-    return n
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -231,7 +233,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     cfg, precision = resolve_run_precision(cfg, info, resumed[1] if resumed else None)
     plan, val_data = load_data(cfg, info)
     Validator.check_feasible(val_data, cfg.eval)
-    n_params = check_memory(cfg, info)
+    check_memory(cfg, info)
     require_wandb(cfg.logging)
     if info.is_main:
         check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
@@ -243,10 +245,10 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
                            logging=cfg.logging, config=config_to_dict(cfg))
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
-        for line in summary(cfg, info, plan, val_data, n_params, precision, logger):
-            logger.info(line)
         with StopFlag() as stop:
             trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop)
+            for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):
+                logger.info(line)
             if resumed:
                 trainer.restore(resumed[1], resumed[0])
             elif resume == "auto":
