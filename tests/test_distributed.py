@@ -108,12 +108,12 @@ def test_ranks_train_on_disjoint_shards_covering_each_epoch(runs):
 
 @pytest.mark.slow
 def test_only_rank_zero_writes(runs):
-    """After a 2-rank run: the expected checkpoints, one log file, one TensorBoard run, nothing else."""
+    """After a 2-rank run: the expected checkpoints, one log and metrics file, one TensorBoard run, nothing else."""
     run = runs / "two"
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == [
         "best_model.pt", "config.yaml", "last_checkpoint.pt", "step_0000010.pt", "step_0000020.pt"]
     logs = sorted(p.name for p in (run / "logs").iterdir())
-    assert len(logs) == 2 and logs[0] == "tensorboard" and logs[1].startswith("train_")
+    assert len(logs) == 3 and logs[0] == "tensorboard" and logs[1].endswith(".log") and logs[2].endswith(".metrics.jsonl")
     assert len(list((run / "logs/tensorboard").iterdir())) == 1
 
 
@@ -139,7 +139,7 @@ def test_failing_rank_ends_the_torchrun_job(tiny_data, tmp_path):
     """Rank 1 raising at step 2 makes torchrun exit non-zero within seconds, not at distributed.timeout_s."""
     cmd = torchrun_cmd(2, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT))
     proc = start(cmd, child_env(FAIL_RANK="1", FAIL_AT_STEP="2"), merge_stderr=True)
-    head = read_until(proc, "world size 2", timeout=STARTUP_S)
+    head = read_until(proc, "global batch: ", timeout=STARTUP_S)
     out = "".join(head) + finish(proc, timeout=60).stdout
     assert proc.returncode != 0 and "injected fault on rank 1 at step 2" in out
     assert "done:" not in out
@@ -160,7 +160,7 @@ def test_failing_rank_ends_a_plain_srun_style_job(tiny_data, tmp_path):
                 FAIL_RANK="1", FAIL_AT_STEP="2")
     cmd = [sys.executable, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT)]
     procs = [start(cmd, dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), merge_stderr=True) for r in (0, 1)]
-    head = read_until(procs[0], "world size 2", timeout=STARTUP_S)
+    head = read_until(procs[0], "global batch: ", timeout=STARTUP_S)
     rank0, rank1 = (finish(p, timeout=60) for p in procs)
     assert rank1.returncode != 0 and "injected fault on rank 1 at step 2" in rank1.stdout
     rank0_out = "".join(head) + rank0.stdout

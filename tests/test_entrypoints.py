@@ -36,8 +36,8 @@ def test_training_writes_checkpoints_config_and_log(pipeline):
     assert saved["train"]["max_steps"] == 40 and saved["model"]["dim"] == 32
     (log,) = (run / "logs").glob("train_*.log")
     text = log.read_text()
-    assert text.startswith("model:") and "global batch 4 sequences" in text and "done: 40 steps" in text
-    assert "world size 1" in stdout
+    assert text.startswith("model:") and "= 4 sequences" in text and "done: 40 steps" in text
+    assert "x 1 process(es)" in stdout
 
 
 def test_inference_samples_from_the_checkpoint(pipeline):

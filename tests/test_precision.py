@@ -84,11 +84,11 @@ def test_auto_is_recorded_resolved_and_kept_by_resume_and_sampling(tiny_data, tm
                                                train__stop_at_step=2, train__eval_every=0, train__save_every=2)]
     first = run_script(*args, env=env, check=True)
     saved = yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text())["train"]["precision"]
-    assert saved in ("fp32", "bf16") and f"precision {saved}: auto: bf16 matmuls ran" in first.stdout
+    assert saved in ("fp32", "bf16") and f"precision: {saved} (auto: bf16 matmuls ran" in first.stdout
     state = torch.load(tmp_path / "ckpt/step_0000002.pt", map_location="cpu", weights_only=True)
     assert state["config"]["train"]["precision"] == saved
     resumed = run_script(*args, "--resume", "auto", env=env, check=True)
-    assert f"precision {saved}: auto: as the checkpoint being resumed was trained" in resumed.stdout
+    assert f"precision: {saved} (auto: as the checkpoint being resumed was trained" in resumed.stdout
     sample = run_script("inference.py", "--checkpoint", tmp_path / "ckpt/best_model.pt", "--prompt", "a",
                         "--max-new-tokens", "4", env=env, check=True)
     assert f"cpu {saved}]" in sample.stderr

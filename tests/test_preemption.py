@@ -17,7 +17,7 @@ LONG = dict(train__max_steps=300, train__eval_every=0, train__save_every=0, trai
 
 
 def stopped_step(output: str) -> int:
-    line = next(l for l in output.splitlines() if "stop signal received: stopped at step" in l)
+    line = next(l for l in output.splitlines() if "stop signal received" in l and "stopped at step" in l)
     return int(line.split("stopped at step ")[1].split(";")[0])
 
 

@@ -49,13 +49,17 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+NODE_LOCAL = {"data.dir", "checkpoint.dir", "logging.dir"}
+
+
 def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
     """Every rank must train the same config on the same data; a mismatch stops all of them at once
     (the first collective of the run, so nothing can hang on a rank that cadences differently)."""
     if info.world_size == 1:
         return
     manifest = Path(cfg.data.dir) / "manifest.json"
-    mine = {**_flat(config_to_dict(cfg)),
+    # folders may differ (node-local disks; only rank 0 writes); the data must not, so its manifest counts
+    mine = {**{k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in NODE_LOCAL},
             "data manifest sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
     everyone = gather_object(mine, info)
     diffs = [f"{k} (rank 0: {everyone[0].get(k)!r}, rank {r}: {other.get(k)!r})"
