@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import make_dataset, run_script, run_torchrun, tiny_overrides
+from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
 from inference import TextStream, escaped, generate_text
 from utils.checkpoint import load_model
 from models.config import ModelConfig
@@ -185,7 +185,8 @@ def test_compiled_run_checkpoint_loads(tmp_path, tiny_data):
     proc = run_script("train_single.py", "--device", "cpu",
                       *tiny_overrides(tiny_data, tmp_path / "run", model__n_layers=1, train__compile="true",
                                       train__max_steps=2, eval__every=0, checkpoint__every=0,
-                                      eval__sample_tokens=0), check=True)
+                                      eval__sample_tokens=0), check=True,
+                      env=child_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))  # no stale shared cache
     assert "torch.compile failed" not in proc.stdout + proc.stderr  # it really trained compiled
     checkpoint = tmp_path / "run/ckpt/best_model.pt"
     assert_clean_keys(checkpoint)
