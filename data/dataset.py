@@ -68,7 +68,7 @@ def load_split(data_dir: str | Path, split: str) -> ShardedBytes:
     entries = manifest["splits"].get(split)
     if not entries:
         raise DataError(f"{data_dir} has no {split} split; prepare it with --{split}-fraction or --{split}-bytes "
-                        f"(python data/prepare_dataset.py --help)")
+                        f"(python -m data.prepare_dataset --help)")
     check_shards(data_dir, manifest, [split], sha256=False)
     return ShardedBytes([Path(data_dir) / e["file"] for e in entries], [e["bytes"] for e in entries])
 
@@ -98,12 +98,12 @@ class BatchPlan:
                             f"({len(data):,} bytes); lower it or prepare more text")
         # windows start at phase + i*T with phase < T, so this many always fit
         self.n_windows = (len(data) - context_length) // context_length
-        per_step = batch_size * grad_accum_steps * world_size
-        self.steps_per_epoch = self.n_windows // per_step
+        self.global_batch = batch_size * grad_accum_steps * world_size  # sequences per optimizer step
+        self.steps_per_epoch = self.n_windows // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"the training split holds {self.n_windows:,} windows of {context_length + 1} bytes, "
                             f"fewer than one global batch ({batch_size} x {grad_accum_steps} accumulation x "
-                            f"{world_size} processes = {per_step}); lower train.batch_size, "
+                            f"{world_size} processes = {self.global_batch}); lower train.batch_size, "
                             f"train.grad_accum_steps or model.context_length, or prepare more text")
         self._epoch: tuple[int, int, KeyedPermutation] | None = None
 

@@ -1,9 +1,9 @@
 """Turn text into byte-level train/val(/test) shards that training memory-maps, in constant memory.
 
-    python data/prepare_dataset.py                          # default corpus -> data/default
-    python data/prepare_dataset.py --input notes/ "*.md" --out data/mine --val-fraction 0.05
-    python data/prepare_dataset.py --input dump.jsonl.gz --text-field text --out data/mine --append
-    python data/prepare_dataset.py --input enwik8 --val-bytes 5000000 --test-bytes 5000000 --out data/enwik8
+    python -m data.prepare_dataset                          # default corpus -> data/default
+    python -m data.prepare_dataset --input notes/ "*.md" --out data/mine --val-fraction 0.05
+    python -m data.prepare_dataset --input dump.jsonl.gz --text-field text --out data/mine --append
+    python -m data.prepare_dataset --input enwik8 --val-bytes 5000000 --test-bytes 5000000 --out data/enwik8
 
 Writes <out>/train-00000.bin, ..., val-00000.bin, ... (raw bytes as uint8, vocabulary 256; see
 data/shards.py) and <out>/manifest.json. The input is streamed once, in chunks, whatever its size.
@@ -24,13 +24,12 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.progress import Progress  # noqa: E402
-from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,  # noqa: E402
+from data.progress import Progress
+from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,
                          commit, read_manifest, remove_staged, split_off_tail)
-from data.sources import check_inputs, expand_inputs, joined_stream  # noqa: E402
-from utils.errors import ArgumentParser, run_cli  # noqa: E402
+from data.sources import check_inputs, expand_inputs, joined_stream
+from utils.errors import ArgumentParser, run_cli
 
 DEFAULT_SHARD_SIZE = 1 << 30
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

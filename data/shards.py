@@ -123,7 +123,7 @@ def split_off_tail(out: Path, staged: list[dict], keep: int, sinks: list[tuple[S
 def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"dataset not prepared: {path} is missing; run `python data/prepare_dataset.py --out "
+        raise DataError(f"dataset not prepared: {path} is missing; run `python -m data.prepare_dataset --out "
                         f"{data_dir}` (add --input FILES for your own text)")
     try:
         manifest = json.loads(path.read_text())
@@ -132,7 +132,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         found = manifest.get("version") if isinstance(manifest, dict) else "unreadable"
         raise DataError(f"{path} is not a format-{MANIFEST_VERSION} manifest (found: {found}); prepare the "
-                        f"dataset again with `python data/prepare_dataset.py --out {data_dir}` and the same --input")
+                        f"dataset again with `python -m data.prepare_dataset --out {data_dir}` and the same --input")
     return manifest
 
 

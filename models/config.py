@@ -133,10 +133,6 @@ class TrainConfig:
         _check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
-    def global_batch(self, world_size: int) -> int:
-        """Sequences per optimizer step over all processes."""
-        return self.batch_size * self.grad_accum_steps * world_size
-
 
 @dataclass(frozen=True)
 class OptimConfig:

@@ -1,6 +1,6 @@
 """Compare config variants at a fixed wall-clock training budget, several seeds each.
 
-    python scripts/ablate.py --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 \\
+    python -m scripts.ablate --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 \\
         --variant base --variant "rope:model.pos_emb=rope" --variant "muon:optim.name=muon"
 
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(run) + "\n")
         rows.append((name, " ".join(overrides) or "-", steps, mean(times), losses))
-    print(f"| variant | overrides | steps | train s | " + " | ".join(f"val (seed {s})" for s in args.seeds)
+    print("| variant | overrides | steps | train s | " + " | ".join(f"val (seed {s})" for s in args.seeds)
           + " | mean val |")
     print("|---" * (5 + len(args.seeds)) + "|")
     for name, ov, steps, secs, losses in rows:

@@ -4,9 +4,9 @@ The model, optimizer and step are built by utils/trainer.py's build_trainer, exa
 builds them, and each timed step is Trainer.train_step: forward, backward, clipping, the
 non-finite guard and the optimizer update, with its one host sync.
 
-    python scripts/benchmark.py --config configs/default_config.yaml train.batch_size=8
-    python scripts/benchmark.py --config configs/default_config.yaml train.batch_size=8 --compare --rounds 3
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 scripts/benchmark.py \\
+    python -m scripts.benchmark --config configs/default_config.yaml train.batch_size=8
+    python -m scripts.benchmark --config configs/default_config.yaml train.batch_size=8 --compare --rounds 3
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m scripts.benchmark \\
         --config configs/default_config.yaml --device cpu train.batch_size=4 --baseline-tokens-per-sec 7740
 
 --compare runs fp32/bf16 x eager/compiled, each in a fresh process (so peak RSS, thread pools and
@@ -30,21 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-from models.config import Config, ConfigError  # noqa: E402
-from models.config_loader import load_config  # noqa: E402
-from utils.device import DEVICE_CHOICES, device_name, synchronize  # noqa: E402
-from utils.distributed import DistInfo, gather_object, process_group  # noqa: E402
-from utils.errors import ArgumentParser, run_cli  # noqa: E402
-from utils.metrics import MetricsLogger, model_flops_utilization, peak_flops  # noqa: E402
-from utils.parallel import parallelize  # noqa: E402
-from utils.precision import resolve_run_precision  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.run import build_trainer, load_data  # noqa: E402
+from models.config import Config, ConfigError
+from models.config_loader import load_config
+from utils.device import DEVICE_CHOICES, device_name, synchronize
+from utils.distributed import DistInfo, gather_object, process_group
+from utils.errors import ArgumentParser, run_cli
+from utils.flops import model_flops_utilization, peak_flops
+from utils.metrics import MetricsLogger
+from utils.parallel import parallelize
+from utils.precision import resolve_run_precision
+from utils.progress import progress
+from utils.run import build_trainer, load_data
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]

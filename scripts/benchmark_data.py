@@ -1,7 +1,7 @@
 """Benchmark data preparation and training start-up at scale, on a generated corpus.
 
-    python scripts/benchmark_data.py                       # 4 GB: plain text, JSONL and gzip
-    python scripts/benchmark_data.py --size 200M --work /tmp/bench --startup-runs 1
+    python -m scripts.benchmark_data                       # 4 GB: plain text, JSONL and gzip
+    python -m scripts.benchmark_data --size 200M --work /tmp/bench --startup-runs 1
 
 Generates a synthetic English-like corpus of --size bytes (half plain .txt files, a quarter JSONL,
 a quarter gzip-compressed text) under --work, then prints one JSON line each for:
@@ -28,14 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from data.prepare_dataset import parse_size  # noqa: E402
-from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from scripts.benchmark import device_name  # noqa: E402
+from data.prepare_dataset import parse_size
+from utils.errors import ArgumentParser, UserError, run_cli
+from scripts.benchmark import device_name
 
 WORDS = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
          "you were all her she there would their we him been has when who will no more if out so said what up its "
@@ -100,7 +99,11 @@ PEAK_RSS = ("import atexit, runpy, sys\n"
             "out, sys.argv = sys.argv[1], sys.argv[2:]\n"
             "atexit.register(lambda: open(out, 'w').write(next(line for line in open('/proc/self/status')\n"
             "                                                  if line.startswith('VmHWM')).split()[1]))\n"
-            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+            "if sys.argv[0] == '-m':\n"
+            "    sys.argv = sys.argv[1:]\n"
+            "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+            "else:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -142,7 +145,7 @@ def bench_prepare(name: str, src: Path, work: Path) -> None:
     cp_seconds = time.perf_counter() - start
     shutil.rmtree(copy)
     out = work / f"data-{name}"
-    seconds, rss, _ = timed(["data/prepare_dataset.py", "--input", str(src), "--out", str(out),
+    seconds, rss, _ = timed(["-m", "data.prepare_dataset", "--input", str(src), "--out", str(out),
                              "--progress-every", "60"])
     mb = size / 1e6
     emit({"bench": "prepare", "input": name, "input_mb": round(mb, 1), "output_mb": round(disk_bytes(out) / 1e6, 1),
@@ -161,7 +164,7 @@ def bench_startup(name: str, data_dir: Path, work: Path, runs: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     train, data = [], []
     probe = work / "data_startup.py"
-    probe.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + DATA_STARTUP)
+    probe.write_text(DATA_STARTUP)  # run from the root, so the repository imports
     for i in range(runs):
         run = work / f"run-{name}-{i}"
         train.append(timed(["train_single.py", "--device", "cpu", *overrides, f"paths.checkpoint_dir={run}/ckpt",
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench_prepare(name, folder, work)
             bench_prepare("mixed", work / "corpus", work)
             shutil.rmtree(work / "corpus")
-            subprocess.run([sys.executable, "data/prepare_dataset.py", "--out", str(work / "default")], cwd=ROOT,
+            subprocess.run([sys.executable, "-m", "data.prepare_dataset", "--out", str(work / "default")], cwd=ROOT,
                            check=True, capture_output=True)
             bench_startup("generated", work / "data-mixed", work, args.startup_runs)
             bench_startup("default", work / "default", work, args.startup_runs)

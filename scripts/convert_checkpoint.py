@@ -1,6 +1,6 @@
 """Convert a sharded checkpoint folder (distributed.strategy=fsdp) into the single-file format.
 
-    python scripts/convert_checkpoint.py --checkpoint checkpoints/step_0005000 --out model.pt
+    python -m scripts.convert_checkpoint --checkpoint checkpoints/step_0005000 --out model.pt
     python inference.py --checkpoint model.pt --prompt "Once upon a time"
 
 Runs in one process on the CPU, whatever the number of ranks that wrote the folder. The file holds
@@ -15,10 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.sharded_checkpoint import convert  # noqa: E402
+from utils.errors import UserError, run_cli
+from utils.sharded_checkpoint import convert
 
 
 def main(argv: list[str] | None = None) -> int:

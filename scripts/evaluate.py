@@ -1,12 +1,12 @@
 """Loss, perplexity and bits per byte of a checkpoint over a whole data split or any file.
 
-    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --split val
-    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --split test     # the held-out test split
-    python scripts/evaluate.py --checkpoint checkpoints/best_model.pt --text-file notes.txt --json out.json
-    torchrun --standalone --nproc_per_node=2 scripts/evaluate.py --checkpoint checkpoints/best_model.pt
+    python -m scripts.evaluate --checkpoint checkpoints/best_model.pt --split val
+    python -m scripts.evaluate --checkpoint checkpoints/best_model.pt --split test     # the held-out test split
+    python -m scripts.evaluate --checkpoint checkpoints/best_model.pt --text-file notes.txt --json out.json
+    torchrun --standalone --nproc_per_node=2 -m scripts.evaluate --checkpoint checkpoints/best_model.pt
 
 Every byte after the first is predicted exactly once, from the context_length bytes of its window
-(utils/metrics.py evaluate, the same function training validates with), so the numbers do not
+(utils/validation.py evaluate, the same function training validates with), so the numbers do not
 depend on --batch-size or on the number of processes.
 """
 
@@ -17,18 +17,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from data.dataset import load_split  # noqa: E402
-from models.config import DistributedConfig  # noqa: E402
-from utils.checkpoint import CONFIG, build_model, load_checkpoint  # noqa: E402
-from utils.distributed import process_group  # noqa: E402
-from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from utils.metrics import evaluate  # noqa: E402
-from utils.device import DEVICE_CHOICES  # noqa: E402
-from utils.precision import DTYPES, autocast_context, sampling_precision  # noqa: E402
+from data.dataset import load_split
+from models.config import DistributedConfig
+from utils.checkpoint import CONFIG, build_model, load_checkpoint
+from utils.distributed import process_group
+from utils.errors import ArgumentParser, UserError, run_cli
+from utils.validation import evaluate
+from utils.device import DEVICE_CHOICES
+from utils.precision import DTYPES, autocast_context, sampling_precision
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

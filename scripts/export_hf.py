@@ -1,6 +1,6 @@
 """Export a checkpoint to a Hugging Face folder that transformers loads with no custom code.
 
-    python scripts/export_hf.py --checkpoint checkpoints/best_model.pt --out hf_model
+    python -m scripts.export_hf --checkpoint checkpoints/best_model.pt --out hf_model
 
 Our options map onto the standard architecture that computes the same function:
     pos_emb=learned, norm=layernorm, activation=gelu          -> GPT-2 (GPT2LMHeadModel)
@@ -23,17 +23,16 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-from utils.checkpoint import load_model  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from models.transformer import GPT  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.device import DEVICE_CHOICES, resolve_device  # noqa: E402
+from utils.checkpoint import load_model
+from models.config import ModelConfig
+from utils.errors import ArgumentParser, UserError, run_cli
+from models.transformer import GPT
+from utils.progress import progress
+from utils.device import DEVICE_CHOICES, resolve_device
 
 # Text never contains NUL, and the attention mask hides padding anyway, so byte 0 can pad without a
 # 257th id (which would change the embedding shape and the logits we check against).

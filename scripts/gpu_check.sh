@@ -16,7 +16,7 @@ sys.exit(0 if ok else 1)'); then
     echo "gpu_check: skipped: $why"
     exit 0
 fi
-[ -f data/default/train.bin ] || "$PYTHON" data/prepare_dataset.py >/dev/null || exit 1
+[ -f data/default/train.bin ] || "$PYTHON" -m data.prepare_dataset >/dev/null || exit 1
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
@@ -27,7 +27,7 @@ tests_rc=$?
 echo "== benchmark matrix" >&2
 bench() {  # name, then benchmark.py arguments; one JSON line per case into $out/results.jsonl
     local name=$1; shift
-    if line=$(timeout 150 "$PYTHON" scripts/benchmark.py --device cuda --steps 20 --warmup 5 "$@" | tail -n 1); then
+    if line=$(timeout 150 "$PYTHON" -m scripts.benchmark --device cuda --steps 20 --warmup 5 "$@" | tail -n 1); then
         echo "{\"case\": \"$name\", \"result\": $line}" >> "$out/results.jsonl"
     else
         echo "{\"case\": \"$name\", \"result\": null}" >> "$out/results.jsonl"
@@ -39,7 +39,7 @@ bench "default 32x512, bf16, compiled" $D train.precision=auto train.compile=tru
 bench "default 32x512, fp32 (TF32)" $D train.precision=fp32
 bench "GPT-2 small 16x1024, bf16, compiled" --config configs/gpt2_small.yaml
 if [ -n "${NANOGPT:-}" ]; then
-    timeout 150 "$PYTHON" scripts/vs_nanogpt.py --nanogpt "$NANOGPT" --device cuda --rounds 3 --compiled \
+    timeout 150 "$PYTHON" -m scripts.vs_nanogpt --nanogpt "$NANOGPT" --device cuda --rounds 3 --compiled \
         --config configs/default_config.yaml train.batch_size=32 train.precision=auto | tail -n 1 > "$out/vs_nanogpt.json"
 fi
 

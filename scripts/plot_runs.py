@@ -1,8 +1,8 @@
 """Plot train and validation loss of runs, from their TensorBoard event files or a nanoGPT log.
 
-    python scripts/plot_runs.py logs/ --out runs.png                      # every run under logs/
-    python scripts/plot_runs.py "logs/tensorboard/2026*" --x time           # a glob; x = seconds of training
-    python scripts/plot_runs.py ours=logs/tensorboard/RUN nanoGPT=nanogpt.log --x both --out cmp.png
+    python -m scripts.plot_runs logs/ --out runs.png                      # every run under logs/
+    python -m scripts.plot_runs "logs/tensorboard/2026*" --x time           # a glob; x = seconds of training
+    python -m scripts.plot_runs ours=logs/tensorboard/RUN nanoGPT=nanogpt.log --x both --out cmp.png
 
 Each argument is a folder (every folder below it that holds event files is one run, labelled by its
 name, the run name of its log file), a glob of such folders, or a saved nanoGPT training log (its
@@ -24,9 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.errors import UserError, run_cli
 
 EVENTS = "events.out.tfevents.*"
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")

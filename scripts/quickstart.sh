@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt
-python data/prepare_dataset.py
+python -m data.prepare_dataset
 python train_single.py --config configs/cpu_quickstart.yaml --resume auto "$@"
 python inference.py --checkpoint checkpoints/best_model.pt --prompt "The " --max-new-tokens 300 --seed 0

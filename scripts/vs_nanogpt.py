@@ -1,7 +1,7 @@
 """Side by side with nanoGPT: its unmodified train.py against our training step, same model, batch
 and machine, in one run, alternating, the ratio taken per pair and reported as the median of pairs.
 
-    python scripts/vs_nanogpt.py --nanogpt /tmp/nanoGPT --config configs/default_config.yaml \\
+    python -m scripts.vs_nanogpt --nanogpt /tmp/nanoGPT --config configs/default_config.yaml \\
         --device cpu train.batch_size=8 --rounds 5
 
 --nanogpt is a checkout of github.com/karpathy/nanoGPT (never part of this repository). Its train.py
@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from models.config import Config, ConfigError  # noqa: E402
-from models.config_loader import load_config  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from models.config import Config, ConfigError
+from models.config_loader import load_config
+from utils.errors import UserError, run_cli
 
 DATASET = "bytegpt_bench"  # nanoGPT reads data/<dataset>/ relative to its checkout
 
@@ -61,7 +60,7 @@ def prepare_nanogpt_data(nanogpt: Path, data_dir: Path) -> None:
     for split in ("train", "val"):
         src = data_dir / f"{split}.bin"
         if not src.is_file():
-            raise UserError(f"{src} is missing; prepare the data first: python data/prepare_dataset.py")
+            raise UserError(f"{src} is missing; prepare the data first: python -m data.prepare_dataset")
         np.fromfile(src, dtype=np.uint8).astype(np.uint16).tofile(out / f"{split}.bin")
     (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 256}))
 
@@ -80,7 +79,7 @@ def run_nanogpt(nanogpt: Path, flags: list[str], warmup: int) -> float:
 
 
 def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
-    cmd = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--steps", str(args.steps), "--warmup",
+    cmd = [sys.executable, "-m", "scripts.benchmark", "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, *(["--config", args.config] if args.config else []),
            *overrides, *(["train.compile=true"] if args.compiled else [])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -112,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         flags = nanogpt_flags(cfg, args.device, args.steps, args.warmup, args.compiled)
         prepare_nanogpt_data(nanogpt, ROOT / cfg.data.dir)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.context_length
         pairs = []
         for round_ in range(args.rounds):
             load = os.getloadavg()[0]
@@ -126,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ms/step ({ours['precision']}), {pair['ratio']}x, load {pair['loadavg_1m_start']} -> "
                   f"{pair['loadavg_1m_end']}", flush=True)
         ratio = statistics.median(p["ratio"] for p in pairs)
+        tokens = ours["tokens_per_step"]  # the same model and batch on both sides
         summary = {"device": ours["device"], "torch": ours["torch"], "threads": ours["threads"],
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tokens_per_step": tokens,
                    "our_precision": ours["precision"], "compile": args.compiled, "median_ratio": ratio,

@@ -11,7 +11,8 @@ from models.config_loader import load_config
 from models.transformer import GPT
 from scripts.benchmark import print_result
 from utils.distributed import DistInfo
-from utils.metrics import MetricsLogger, flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
+from utils.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
+from utils.metrics import MetricsLogger
 from utils.optim import build_optimizer
 from utils.run import build_trainer, load_data
 from utils.trainer import Trainer
@@ -31,7 +32,7 @@ def built(data_dir, tmp_path, **overrides) -> Trainer:
 
 def test_benchmark_reports_every_field(tiny_data, tmp_path):
     """A smoke-sized CPU run prints the table and a JSON line whose fields agree with each other."""
-    proc = run_script("scripts/benchmark.py", "--device", "cpu", "--steps", "3", "--warmup", "1",
+    proc = run_script("-m", "scripts.benchmark", "--device", "cpu", "--steps", "3", "--warmup", "1",
                       *tiny_overrides(tiny_data, tmp_path, train__precision="bf16"), check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == FIELDS
@@ -51,7 +52,7 @@ def test_benchmark_reports_every_field(tiny_data, tmp_path):
 def test_benchmark_bad_input_is_one_line(tiny_data, tmp_path):
     """Bad flags or data give one `error:` line and exit 2, with no traceback."""
     for args in (["--steps", "0"], ["data.dir=" + str(tmp_path / "missing")]):
-        proc = run_script("scripts/benchmark.py", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path), *args)
+        proc = run_script("-m", "scripts.benchmark", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path), *args)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
@@ -146,7 +147,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 @pytest.mark.slow
 def test_benchmark_under_torchrun_reports_totals_and_scaling(tiny_data, tmp_path):
     """Two gloo ranks: per-process and total tokens/s, and efficiency against the given one-process figure."""
-    proc = run_torchrun(2, "scripts/benchmark.py", "--device", "cpu", "--steps", "2", "--warmup", "1",
+    proc = run_torchrun(2, "-m", "scripts.benchmark", "--device", "cpu", "--steps", "2", "--warmup", "1",
                         "--baseline-tokens-per-sec", "1000", *tiny_overrides(tiny_data, tmp_path), check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world_size"] == 2 and result["tokens_per_step"] == 4 * 32

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from conftest import ROOT, load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
 from utils import checkpoint as ckpt
 
 

@@ -35,6 +35,15 @@ def test_malformed_config_file(capsys, tmp_path):
     fails_with(capsys, train_single.main, ["--config", bad], "is not valid YAML", "line")
 
 
+@pytest.mark.parametrize("text, key, line", [("model:\n  dim: 32\nmodel:\n  n_layers: 2\n", "model", 3),
+                                             ("train:\n  seed: 1\n  seed: 2\n", "seed", 3)])
+def test_a_key_given_twice_is_refused(capsys, tmp_path, text, key, line):
+    """Plain YAML keeps the last of two equal keys, which would drop a whole first section in silence."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text)
+    fails_with(capsys, train_single.main, ["--config", dup], f"at line {line}: '{key}' appears twice")
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("train.batch_size=abc", "train.batch_size must be int"),
     ("model.n_heads=3", "must divide model.dim"),
@@ -62,7 +71,7 @@ def test_batch_larger_than_data(capsys, tiny_data, tmp_path):
 def test_dataset_not_prepared(capsys, tmp_path):
     """Training on a folder without a manifest names the command that prepares it."""
     fails_with(capsys, train_single.main, tiny_overrides(tmp_path / "nothing", tmp_path),
-               "dataset not prepared", "python data/prepare_dataset.py --out")
+               "dataset not prepared", "python -m data.prepare_dataset --out")
 
 
 def test_empty_split_file(capsys, tiny_data, tmp_path):

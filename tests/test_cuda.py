@@ -137,7 +137,7 @@ def test_sampling_and_evaluation_on_gpu(gpu_checkpoint, tmp_path):
                         "--max-new-tokens", "40", "--seed", "1", env=gpu_env(), check=True)
     assert "cuda" in sample.stderr and len(sample.stdout) > 3
     for device in ("cuda", "cpu"):
-        run_script("scripts/evaluate.py", "--checkpoint", gpu_checkpoint, "--device", device, "--precision", "fp32",
+        run_script("-m", "scripts.evaluate", "--checkpoint", gpu_checkpoint, "--device", device, "--precision", "fp32",
                    "--json", tmp_path / f"{device}.json", env=gpu_env(), check=True)
     gpu, cpu = (json.loads((tmp_path / f"{d}.json").read_text()) for d in ("cuda", "cpu"))
     assert gpu["bytes"] == cpu["bytes"] and gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)  # TF32 on the GPU
@@ -145,13 +145,13 @@ def test_sampling_and_evaluation_on_gpu(gpu_checkpoint, tmp_path):
 
 def test_export_checks_logits_on_gpu(gpu_checkpoint, tmp_path):
     pytest.importorskip("transformers")
-    run_script("scripts/export_hf.py", "--checkpoint", gpu_checkpoint, "--out", tmp_path / "hf", "--device", "cuda",
+    run_script("-m", "scripts.export_hf", "--checkpoint", gpu_checkpoint, "--out", tmp_path / "hf", "--device", "cuda",
                env=gpu_env(), check=True)
     assert (tmp_path / "hf/model.safetensors").is_file()
 
 
 def test_benchmark_reports_memory_and_mfu(tiny_data, tmp_path):
-    proc = run_script("scripts/benchmark.py", "--device", "cuda", "--steps", "3", "--warmup", "1",
+    proc = run_script("-m", "scripts.benchmark", "--device", "cuda", "--steps", "3", "--warmup", "1",
                       *tiny_overrides(tiny_data, tmp_path, **GPU_MODEL, train__precision="auto"),
                       env=gpu_env(), check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ def test_prepare_writes_exact_bytes_and_split(tmp_path):
     text = "héllo wörld, bytes not characters. " * 100
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
-    proc = run_script("data/prepare_dataset.py", "--input", src, "--out", tmp_path / "d", check=True)
+    proc = run_script("-m", "data.prepare_dataset", "--input", src, "--out", tmp_path / "d", check=True)
     raw = text.encode()
     n_val = int(len(raw) * 0.1)
     assert (tmp_path / "d/train-00000.bin").read_bytes() == raw[: len(raw) - n_val]
@@ -44,7 +44,7 @@ def test_prepare_writes_exact_bytes_and_split(tmp_path):
     assert manifest["sources"] == [str(src)] and manifest["splits"]["test"] == []
     assert "wrote" in proc.stdout
     mtime = (tmp_path / "d/train-00000.bin").stat().st_mtime_ns
-    again = run_script("data/prepare_dataset.py", "--input", src, "--out", tmp_path / "d", check=True)
+    again = run_script("-m", "data.prepare_dataset", "--input", src, "--out", tmp_path / "d", check=True)
     assert "already up to date" in again.stdout and (tmp_path / "d/train-00000.bin").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "train-00000.bin", "val-00000.bin"]
 
@@ -54,9 +54,9 @@ def test_folders_and_globs_are_read_in_sorted_order(tmp_path):
     (tmp_path / "src").mkdir()
     for name in ("b.txt", "a.txt"):
         (tmp_path / "src" / name).write_text(name * 50)
-    run_script("data/prepare_dataset.py", "--input", tmp_path / "src", "--out", tmp_path / "d1",
+    run_script("-m", "data.prepare_dataset", "--input", tmp_path / "src", "--out", tmp_path / "d1",
                "--val-fraction", "0.5", check=True)
-    run_script("data/prepare_dataset.py", "--input", str(tmp_path / "src" / "*.txt"), "--out", tmp_path / "d2",
+    run_script("-m", "data.prepare_dataset", "--input", str(tmp_path / "src" / "*.txt"), "--out", tmp_path / "d2",
                "--val-fraction", "0.5", check=True)
     joined = ("a.txt" * 50 + "\n" + "b.txt" * 50).encode()
     for d in ("d1", "d2"):
@@ -72,7 +72,7 @@ def test_default_corpus_builds_offline():
 
 def test_missing_dataset_names_the_command(tmp_path):
     """Training on an unprepared folder says which command prepares it."""
-    with pytest.raises(DataError, match="python data/prepare_dataset.py --out"):
+    with pytest.raises(DataError, match="python -m data.prepare_dataset --out"):
         load_split(tmp_path / "nothing", "train")
 
 

@@ -12,7 +12,7 @@ def test_benchmark_data_reports_every_figure_and_cleans_up(tmp_path):
     """One JSON line per measurement: each kind's preparation next to cp + sync with its peak RSS,
     start-up on the generated and the default dataset, and the machine's load; nothing is left."""
     work = tmp_path / "work"
-    proc = run_script("scripts/benchmark_data.py", "--size", "3M", "--work", work, "--startup-runs", "1",
+    proc = run_script("-m", "scripts.benchmark_data", "--size", "3M", "--work", work, "--startup-runs", "1",
                       check=True, timeout=600)
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     seen = [(r["bench"], r.get("input") or r.get("dataset")) for r in records]

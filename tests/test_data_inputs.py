@@ -71,7 +71,7 @@ def make_input(tmp: Path, kind: str) -> Path:
 def test_every_input_kind_round_trips(tmp_path, kind):
     """Each kind gives exactly its documents joined by the chosen separator, split 70/20/10."""
     src = make_input(tmp_path, kind)
-    run_script("data/prepare_dataset.py", "--input", src, "--out", tmp_path / "d", "--separator", "\\n<doc>\\n",
+    run_script("-m", "data.prepare_dataset", "--input", src, "--out", tmp_path / "d", "--separator", "\\n<doc>\\n",
                "--val-fraction", "0.2", "--test-fraction", "0.1", "--shard-size", "16", check=True)
     expected = "\n<doc>\n".join(DOCS).encode()
     assert dataset_bytes(tmp_path / "d") == expected
@@ -86,7 +86,7 @@ def test_readme_large_corpus_commands(tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Large corpora"):]
     block = section[section.index("```bash") + 7: section.index("```", section.index("```bash") + 7)]
-    commands = [line.split("  #")[0].strip() for line in block.splitlines() if "prepare_dataset.py" in line]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if "data.prepare_dataset" in line]
     assert len(commands) == 6, commands
     (tmp_path / "books").mkdir()
     (tmp_path / "more_books").mkdir()
@@ -102,9 +102,9 @@ def test_readme_large_corpus_commands(tmp_path):
     (tmp_path / "enwik8").write_bytes(enwik8)
     for command in commands:
         argv = shlex.split(command)
-        assert argv[:2] == ["python", "data/prepare_dataset.py"]
-        subprocess.run([sys.executable, ROOT / argv[1], *argv[2:]], cwd=tmp_path, check=True, capture_output=True,
-                       env=child_env(), timeout=300)
+        assert argv[:3] == ["python", "-m", "data.prepare_dataset"]
+        subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True, capture_output=True,
+                       env=child_env(PYTHONPATH=str(ROOT)), timeout=300)  # the README runs them from the root
     books = "\n".join(d * 4 for d in DOCS).encode()
     with_more = load_split(tmp_path / "data/books", "train")
     assert len(with_more) > int(len(books) * 0.9)  # both parts' train shards, each split 90/10
@@ -120,7 +120,7 @@ def test_readme_large_corpus_commands(tmp_path):
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(tmp_path):
     """On a terminal: a tqdm bar with bytes/s and no log lines; in a pipe: log lines with rate and ETA, no bar."""
     (tmp_path / "in.txt").write_bytes(b"some text " * 300_000)
-    args = [sys.executable, "data/prepare_dataset.py", "--input", tmp_path / "in.txt", "--progress-every", "0"]
+    args = [sys.executable, "-m", "data.prepare_dataset", "--input", tmp_path / "in.txt", "--progress-every", "0"]
     piped = run_script(*args[1:], "--out", tmp_path / "a", check=True)
     assert re.search(r"preparing .*: 3 of 3 MB \(100%\), [\d.,]+ MB/s, ETA 0 s", piped.stderr), piped.stderr
     assert "\r" not in piped.stderr and "it/s" not in piped.stderr
@@ -187,7 +187,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, case):
         src, fragment = tmp_path / "nope.txt", "nope.txt' does not exist"
     else:
         src, fragment = parquet_case(tmp_path, case)
-    proc = run_script("data/prepare_dataset.py", "--input", src, "--out", tmp_path / "d")
+    proc = run_script("-m", "data.prepare_dataset", "--input", src, "--out", tmp_path / "d")
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "d").exists()
 
@@ -196,7 +196,7 @@ def test_parquet_without_pyarrow_names_the_package(tmp_path):
     """Without pyarrow a Parquet input is refused up front, in one line that says what to install."""
     (tmp_path / "in.parquet").write_bytes(b"PAR1")  # refused before it is opened, so any content does
     code = ("import sys; sys.modules['pyarrow'] = sys.modules['pyarrow.parquet'] = None; "  # import now fails
-            "sys.argv[0] = 'data/prepare_dataset.py'; from data.prepare_dataset import main; sys.exit(main())")
+            "from data.prepare_dataset import main; sys.exit(main())")
     proc = run_script("-c", code, "--input", tmp_path / "in.parquet", "--out", tmp_path / "d")
     assert_one_line_error(proc, "needs pyarrow, which is not installed: pip install pyarrow")
     assert not (tmp_path / "d").exists()
@@ -206,12 +206,12 @@ def test_failure_after_shards_were_staged_leaves_the_dataset_as_it_was(tmp_path)
     """An --append that fails after writing 9 MB of shards leaves the old files byte-identical and no
     temporaries; the same for a failing first preparation, which leaves no folder."""
     (tmp_path / "a.txt").write_bytes(b"first corpus " * 100)
-    run_script("data/prepare_dataset.py", "--input", tmp_path / "a.txt", "--out", tmp_path / "d", check=True)
+    run_script("-m", "data.prepare_dataset", "--input", tmp_path / "a.txt", "--out", tmp_path / "d", check=True)
     before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
     (tmp_path / "big.txt").write_bytes(b"x" * 9_000_000)  # larger than one chunk: staged before the error
     (tmp_path / "z.txt.gz").write_bytes(gzip.compress(b"abc" * 1000)[:-12])
     for out, extra in ((tmp_path / "d", ["--append"]), (tmp_path / "new", [])):
-        proc = run_script("data/prepare_dataset.py", "--input", tmp_path / "big.txt", tmp_path / "z.txt.gz",
+        proc = run_script("-m", "data.prepare_dataset", "--input", tmp_path / "big.txt", tmp_path / "z.txt.gz",
                           "--out", out, "--shard-size", "1M", *extra)
         assert_one_line_error(proc, "z.txt.gz: compressed data is truncated")
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before

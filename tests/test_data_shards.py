@@ -60,7 +60,7 @@ def test_append_adds_shards_keeps_old_ones_and_is_idempotent(tmp_path):
     (tmp_path / "a.txt").write_text("alpha " * 40)
     (tmp_path / "b.txt").write_text("bravo " * 60)
     out = tmp_path / "d"
-    prep = ["data/prepare_dataset.py", "--out", out, "--shard-size", "64", "--val-fraction", "0.25"]
+    prep = ["-m", "data.prepare_dataset", "--out", out, "--shard-size", "64", "--val-fraction", "0.25"]
     run_script(*prep, "--input", tmp_path / "a.txt", check=True)
     before = snapshot(out)
     first = run_script(*prep, "--input", tmp_path / "b.txt", "--append", check=True)
@@ -83,7 +83,7 @@ def test_prepare_again_with_other_input_replaces_the_dataset(tmp_path):
     (tmp_path / "a.txt").write_text("a" * 1000)
     (tmp_path / "b.txt").write_text("b" * 100)
     for name in ("a.txt", "b.txt"):
-        run_script("data/prepare_dataset.py", "--input", tmp_path / name, "--out", tmp_path / "d", "--shard-size",
+        run_script("-m", "data.prepare_dataset", "--input", tmp_path / name, "--out", tmp_path / "d", "--shard-size",
                    "64", check=True)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "train-00000.bin",
                                                                    "train-00001.bin", "val-00000.bin"]
@@ -141,11 +141,11 @@ def test_training_never_reads_the_test_split_and_evaluate_reports_it(tmp_path):
     run = tmp_path / "run"
     run_script("train_single.py", *tiny_overrides(data, run, train__max_steps=2, train__eval_every=2,
                                                   train__save_every=2), check=True)
-    proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "test")
+    proc = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "test")
     assert proc.returncode == 2 and "test-00000.bin is missing" in proc.stderr
     for entry in manifest["splits"]["test"]:
         shutil.move(hidden / entry["file"], data / entry["file"])
-    run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "test", "--json",
+    run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "test", "--json",
                tmp_path / "test.json", check=True)
     result = json.loads((tmp_path / "test.json").read_text())
     assert result["source"] == f"test split of {data}" and result["bytes"] == manifest["test_bytes"] - 1

@@ -38,11 +38,11 @@ def test_per_device_choices():
     assert fused_adamw(cpu) and fused_adamw(torch.device("cuda", 0)) and not fused_adamw(torch.device("mps"))
 
 
-@pytest.mark.parametrize("script", ["train_single.py", "inference.py", "scripts/evaluate.py", "scripts/export_hf.py",
-                                    "scripts/benchmark.py"])
+@pytest.mark.parametrize("script", ["train_single.py", "inference.py", "-m scripts.evaluate", "-m scripts.export_hf",
+                                    "-m scripts.benchmark"])
 def test_every_entry_point_takes_device_and_refuses_a_bad_one(script, tmp_path):
-    extra = {"scripts/export_hf.py": ["--out", str(tmp_path / "hf")], "inference.py": ["--prompt", "a"]}.get(script, [])
-    proc = run_script(script, "--device", "banana", *extra, timeout=120)
+    extra = {"-m scripts.export_hf": ["--out", str(tmp_path / "hf")], "inference.py": ["--prompt", "a"]}.get(script, [])
+    proc = run_script(*script.split(), "--device", "banana", *extra, timeout=120)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "auto, cpu, cuda, cuda:N or mps" in err, err

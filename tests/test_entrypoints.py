@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_TEXT, child_env, run_script, tb_runs, tiny_overrides
+from conftest import TINY_TEXT, child_env, run_script, tb_runs, tiny_overrides
 
 SCALARS = {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"}
 
@@ -20,7 +20,7 @@ def pipeline(tmp_path_factory):
     """Prepare a corpus, train a tiny model on it, and return the run folder."""
     tmp = tmp_path_factory.mktemp("e2e")
     (tmp / "corpus.txt").write_text(TINY_TEXT)
-    run_script("data/prepare_dataset.py", "--input", tmp / "corpus.txt", "--out", tmp / "data", check=True)
+    run_script("-m", "data.prepare_dataset", "--input", tmp / "corpus.txt", "--out", tmp / "data", check=True)
     proc = run_script("train_single.py", "--config", "configs/cpu_quickstart.yaml",
                       *tiny_overrides(tmp / "data", tmp / "run", train__max_steps=40, eval__every=20,
                                       optim__lr=3e-3, train__log_every=10), check=True)

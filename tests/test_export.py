@@ -93,13 +93,13 @@ def test_unsupported_options_are_refused(options, named, tmp_path, capsys):
 def test_refusal_through_the_real_command(tmp_path):
     """python scripts/export_hf.py exits 2 with one line and no traceback; an existing folder is never overwritten."""
     checkpoint_of(tmp_path / "relu2.pt", activation="relu2")
-    proc = run_script("scripts/export_hf.py", "--checkpoint", tmp_path / "relu2.pt", "--out", tmp_path / "hf")
+    proc = run_script("-m", "scripts.export_hf", "--checkpoint", tmp_path / "relu2.pt", "--out", tmp_path / "hf")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "model.activation=relu2" in proc.stderr and not (tmp_path / "hf").exists()
     checkpoint_of(tmp_path / "gpt2.pt")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken/keep.txt").write_text("mine")
-    proc = run_script("scripts/export_hf.py", "--checkpoint", tmp_path / "gpt2.pt", "--out", tmp_path / "taken")
+    proc = run_script("-m", "scripts.export_hf", "--checkpoint", tmp_path / "gpt2.pt", "--out", tmp_path / "taken")
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 

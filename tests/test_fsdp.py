@@ -139,7 +139,7 @@ def test_converted_checkpoint_gives_the_sharded_models_logits(runs, tmp_path):
     from tests.helpers.fsdp_probe import PROBE_INPUT
 
     out = tmp_path / "model.pt"
-    run_script("scripts/convert_checkpoint.py", "--checkpoint", runs / "fsdp/ckpt/step_0000006", "--out", out,
+    run_script("-m", "scripts.convert_checkpoint", "--checkpoint", runs / "fsdp/ckpt/step_0000006", "--out", out,
                check=True)
     with torch.no_grad():
         logits, _ = load_model(out, torch.device("cpu"))(PROBE_INPUT)

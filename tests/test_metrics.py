@@ -18,7 +18,7 @@ from conftest import ROOT, child_env, make_dataset, run_script, run_torchrun, tb
 from models.config import ModelConfig
 from models.transformer import GPT
 from utils.distributed import DistInfo
-from utils.metrics import evaluate
+from utils.validation import evaluate
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 
@@ -203,14 +203,14 @@ def test_wandb_missing_stops_before_training_with_one_line(single_run, tmp_path)
 def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):
     """scripts/evaluate.py on the last checkpoint gives training's final val loss, and writes JSON."""
     data, run = single_run
-    proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
+    proc = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
                       "--json", tmp_path / "m.json", check=True)
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["bytes"] == (data / "val-00000.bin").stat().st_size - 1 and result["world_size"] == 1
     assert result["loss"] == pytest.approx(scalar_events(run / "logs").Scalars("val/loss")[-1].value, rel=1e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
     assert f"bits per byte {result['bits_per_byte']:.6f}" in proc.stdout
-    text = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt",
+    text = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt",
                       "--text-file", data / "val-00000.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
     assert json.loads((tmp_path / "t.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-6), text.stdout
 
@@ -248,7 +248,7 @@ def run_on_pty(args: list, env: dict) -> str:
 def test_evaluation_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(single_run, tmp_path):
     """On a pty: a tqdm bar (carriage returns) and no log lines; redirected: plain lines and no bar."""
     _, run = single_run
-    args = ["scripts/evaluate.py", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--batch-size", "2"]
+    args = ["-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--batch-size", "2"]
     env = child_env(BYTEGPT_PROGRESS_INTERVAL="0")  # a line at every batch, so a tiny split shows some
     on_tty = run_on_pty(args, env)
     assert "evaluate:" in on_tty and "\r" in on_tty and "s elapsed" not in on_tty
@@ -262,7 +262,7 @@ def test_evaluate_script_refuses_a_text_too_short(single_run, tmp_path):
     """A one-byte file has nothing to predict: one error line, exit 2."""
     _, run = single_run
     (tmp_path / "one.txt").write_bytes(b"x")
-    proc = run_script("scripts/evaluate.py", "--checkpoint", run / "ckpt/best_model.pt", "--text-file",
+    proc = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/best_model.pt", "--text-file",
                       tmp_path / "one.txt")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "at least 2" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -277,14 +277,14 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
                  *tiny_overrides(data, tmp_path / "run", model__pos_emb="rope", train__eval_max_bytes=20,
                                  distributed__timeout_s=60), timeout=180, check=True)
     checkpoint = tmp_path / "run/ckpt/last_checkpoint.pt"
-    single = run_script("scripts/evaluate.py", "--checkpoint", checkpoint, "--max-bytes", "20",
+    single = run_script("-m", "scripts.evaluate", "--checkpoint", checkpoint, "--max-bytes", "20",
                         "--json", tmp_path / "one.json", check=True)
     logged = scalar_events(tmp_path / "run/logs").Scalars("val/loss")[-1].value
     assert json.loads((tmp_path / "one.json").read_text())["loss"] == pytest.approx(logged, rel=1e-6), single.stdout
     # 91 windows of 32 bytes in batches of 5: 46 + 45 windows, so the ranks run unequal batch counts
-    run_torchrun(2, "scripts/evaluate.py", "--checkpoint", checkpoint, "--device", "cpu", "--batch-size", "5",
+    run_torchrun(2, "-m", "scripts.evaluate", "--checkpoint", checkpoint, "--device", "cpu", "--batch-size", "5",
                  "--max-bytes", "2900", "--json", tmp_path / "two.json", check=True)
-    run_script("scripts/evaluate.py", "--checkpoint", checkpoint, "--max-bytes", "2900", "--json",
+    run_script("-m", "scripts.evaluate", "--checkpoint", checkpoint, "--max-bytes", "2900", "--json",
                tmp_path / "one.json", check=True)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == 2 and two["bytes"] == one["bytes"]

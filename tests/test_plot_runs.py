@@ -57,7 +57,7 @@ def test_plot_of_a_real_run_is_a_png_and_an_svg_of_the_asked_size(run, tmp_path)
     (curve,) = read_runs(str(log_dir))
     assert [p[0] for p in curve.train] == [1, 2, 3, 4, 5, 6] and [p[0] for p in curve.val] == [3, 6]
     assert all(a[1] <= b[1] for a, b in zip(curve.train, curve.train[1:]))  # seconds of training grow
-    proc = run_script("scripts/plot_runs.py", f"tiny={log_dir}", "--x", "both", "--size", "6x3", "--dpi", "50",
+    proc = run_script("-m", "scripts.plot_runs", f"tiny={log_dir}", "--x", "both", "--size", "6x3", "--dpi", "50",
                       "--out", tmp_path / "out/curves.png", check=True)
     assert "1 run(s)" in proc.stdout
     assert png_size(tmp_path / "out/curves.png") == (300, 150)
@@ -72,7 +72,7 @@ def test_nanogpt_log_gives_its_evaluations_against_seconds_of_training(tmp_path)
     assert [(s, loss) for s, _, loss in curve.val] == [(0, 4.1649), (3, 3.9534)]
     assert [round(t, 5) for _, t, _ in curve.val] == [0.0, round(0.88866 + 0.65664, 5)]
     assert [loss for _, _, loss in curve.train] == [4.1676, 3.9012]
-    run_script("scripts/plot_runs.py", tmp_path / "nanogpt.log", "--x", "time", "--out", tmp_path / "n.png",
+    run_script("-m", "scripts.plot_runs", tmp_path / "nanogpt.log", "--x", "time", "--out", tmp_path / "n.png",
                check=True)
     assert png_size(tmp_path / "n.png") == (1000, 400)
 
@@ -81,6 +81,6 @@ def test_nanogpt_log_gives_its_evaluations_against_seconds_of_training(tmp_path)
 def test_refuses_what_holds_no_runs_with_one_line(tmp_path, what):
     target = {"empty folder": tmp_path, "missing path": tmp_path / "nope", "not a log": tmp_path / "x.txt"}[what]
     (tmp_path / "x.txt").write_text("hello\n")
-    proc = run_script("scripts/plot_runs.py", target, "--out", tmp_path / "p.png")
+    proc = run_script("-m", "scripts.plot_runs", target, "--out", tmp_path / "p.png")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "p.png").exists()

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 import inference
 from conftest import run_script, tiny_overrides
@@ -47,10 +46,15 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     """scripts/ablate.py times each variant, trains it per seed within the budget, and tabulates val losses."""
     import json
 
+    import yaml
+
     config = tmp_path / "tiny.yaml"
-    config.write_text("\n".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}" for k, v in
-                                (o.split("=", 1) for o in tiny_overrides(tiny_data, tmp_path))) + "\n")
-    proc = run_script("scripts/ablate.py", "--config", config, "--budget", "1", "--seeds", "1", "2",
+    sections: dict[str, dict] = {}
+    for key, value in (o.split("=", 1) for o in tiny_overrides(tiny_data, tmp_path)):
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+    config.write_text(yaml.safe_dump(sections))
+    proc = run_script("-m", "scripts.ablate", "--config", config, "--budget", "1", "--seeds", "1", "2",
                       "--calibration-steps", "5", "--json", tmp_path / "runs.jsonl",
                       "--variant", "base", "--variant", "rope:model.pos_emb=rope", check=True)
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]

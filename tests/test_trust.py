@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, run_script, run_torchrun, tiny_overrides
+from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, tiny_overrides
 from utils import checkpoint as ckpt
 from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
 from utils.stopping import StopFlag
@@ -20,10 +20,9 @@ from utils.stopping import StopFlag
 LONG = dict(train__max_steps=300, eval__every=0, checkpoint__every=0, eval__sample_tokens=0)
 
 
-def start(*args: str | Path) -> subprocess.Popen:
-    """A real training process in its own session, so the whole group can be killed."""
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+def start_training(*overrides: str) -> subprocess.Popen:
+    """A real training run; conftest kills it and everything under it when the test ends."""
+    return start([sys.executable, "train_single.py", *overrides])
 
 
 def wait_for_line(proc: subprocess.Popen, fragment: str) -> None:
@@ -33,25 +32,14 @@ def wait_for_line(proc: subprocess.Popen, fragment: str) -> None:
     raise AssertionError(f"process ended before '{fragment}': {proc.stderr.read()}")
 
 
-@pytest.fixture
-def reaper():
-    """Kills every process group a test started, however it ends."""
-    procs: list[subprocess.Popen] = []
-    yield procs.append
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def test_sigint_saves_and_exits_75_without_traceback(tiny_data, tmp_path, reaper):
+def test_sigint_saves_and_exits_75_without_traceback(tiny_data, tmp_path):
     """Ctrl-C behaves as SIGTERM: the step finishes, a checkpoint is saved, exit 75."""
-    proc = start("train_single.py", *tiny_overrides(tiny_data, tmp_path, **LONG))
-    reaper(proc)
+    proc = start_training(*tiny_overrides(tiny_data, tmp_path, **LONG))
     wait_for_line(proc, "step 3/")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err
+    done = finish(proc, 120)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == EXIT_PREEMPTED, err
     assert "Traceback" not in err + out and "stop signal received (SIGINT)" in out
     step = int(out.split("stopped at step ")[1].split(";")[0])
     assert ckpt.load_checkpoint(tmp_path / f"ckpt/step_{step:07d}.pt")[ckpt.TRAINER]["step"] == step
@@ -94,47 +82,41 @@ def fill(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, small_disk, fault,
-                                                                     reaper):
+def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, small_disk, fault):
     """The next save fails with one line and exit 2; the checkpoint saved before still loads."""
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_data, run, **{**LONG, "checkpoint__every": 2}) + [f"checkpoint.dir={small_disk}"]
-    proc = start("train_single.py", *overrides)
-    reaper(proc)
+    proc = start_training(*overrides)
     wait_for_line(proc, f"saved {small_disk / 'step_0000002.pt'}")
     if fault == "full":
         fill(small_disk)
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
+    done = finish(proc, 120)
+    err = done.stderr
+    assert done.returncode == 2, err
     assert err.startswith("error: could not write ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("no space left on device" in err.lower()) if fault == "full" else ("read-only" in err.lower()), err
     if fault == "full":
         (small_disk / "filler").unlink()
-    newest = ckpt.Checkpointer(small_disk, 3, None)._newest_loadable(warn=print)
+    newest = ckpt.Checkpointer(small_disk, 3, None).find_resume("auto", warn=print)
     assert newest is not None and newest[1][ckpt.TRAINER]["step"] >= 2
 
 
 def test_closed_stdout_is_not_a_traceback(tiny_data, tmp_path):
     """inference.py piped into `head`: it stops quietly with 141, as a shell reports SIGPIPE."""
     run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=1), check=True)
-    proc = subprocess.Popen([sys.executable, "inference.py", "--checkpoint", str(tmp_path / "ckpt/best_model.pt"),
-                             "--prompt", "a", "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=child_env(), start_new_session=True)
-    try:
-        proc.stdout.read(10)
-        proc.stdout.close()  # what `head -c 10` does
-        err = proc.stderr.read().decode()
-        assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE and "Traceback" not in err, err
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = start([sys.executable, "inference.py", "--checkpoint", tmp_path / "ckpt/best_model.pt", "--prompt", "a",
+                  "--max-new-tokens", "100000"])
+    proc.stdout.read(10)
+    proc.stdout.close()  # what `head -c 10` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("command", [
-    ["scripts/evaluate.py", "--json", "/proc/no/such.json"],
-    ["scripts/export_hf.py", "--out", "/proc/no-such-export"],
+    ["-m", "scripts.evaluate", "--json", "/proc/no/such.json"],
+    ["-m", "scripts.export_hf", "--out", "/proc/no-such-export"],
 ])
 def test_unwritable_output_is_one_line_naming_the_path(tiny_data, tmp_path, command):
     """An output path that cannot be written is named in one line, exit 2."""

@@ -256,9 +256,10 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             for tmp in self.dir.glob(".*.tmp"):  # left by a process killed mid-save; never complete
                 tmp.unlink(missing_ok=True)
-            from utils import sharded_checkpoint
+            if self.sharded:  # only sharded saves leave folders (and importing DCP costs ~1.5 s)
+                from utils import sharded_checkpoint
 
-            sharded_checkpoint.remove_stale_temporaries(self.dir)
+                sharded_checkpoint.remove_stale_temporaries(self.dir)
             atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
 
     def _collective(self, write: Callable[[], Path]) -> Path:

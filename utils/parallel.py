@@ -15,12 +15,6 @@ import torch.nn as nn
 from models.config import DistributedConfig, TrainConfig
 from utils.distributed import DistInfo, unwrap
 
-try:  # torch 2.6+
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # torch 2.4 / 2.5
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
-
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
     if info.world_size == 1:
         return model
@@ -42,6 +36,11 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module
     raw = unwrap(model)
     if info.world_size == 1:
         return model
+    # imported here: FSDP pulls in DTensor, about 1.5 s at every start of a run that does not use it
+    try:  # torch 2.6+
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     compiled = raw is not model
     # bf16: compute in bf16, reduce-scatter gradients in fp32 so the sum over ranks loses nothing
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

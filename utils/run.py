@@ -30,7 +30,8 @@ from utils.checkpoint import Checkpointer, CheckpointError
 from utils.device import device_name
 from utils.distributed import DistInfo, broadcast_object, gather_object
 from utils.errors import UserError
-from utils.metrics import MetricsLogger, ThroughputMeter, flops_per_token, peak_flops
+from utils.flops import flops_per_token, peak_flops
+from utils.metrics import MetricsLogger, ThroughputMeter
 from utils.optim import build_optimizer, build_scheduler
 from utils.precision import Precision, autocast_context, grad_scaler, resolve_run_precision
 from utils.sinks import require_wandb
@@ -189,7 +190,7 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
     autocast = autocast_context(info.device, t.precision)
     peak, peak_source = peak_flops(info.device, t.precision)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
-    meter = ThroughputMeter(t.global_batch(info.world_size) * cfg.model.context_length, t.max_steps,
+    meter = ThroughputMeter(plan.global_batch * cfg.model.context_length, t.max_steps,
                             flops_per_token(model.num_params(non_embedding=True), cfg.model.n_layers, cfg.model.dim,
                                             cfg.model.context_length), peak)
     return Trainer(model=model_for_training, optimizer=optimizer,
@@ -206,7 +207,7 @@ def summary(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, 
             precision: Precision, logger: MetricsLogger) -> list[str]:
     """The start-up lines on the console (the full resolved config goes to the log file)."""
     m, t = cfg.model, cfg.train
-    batch = t.global_batch(info.world_size)
+    batch = plan.global_batch
     return [
         f"model: {n_params:,} parameters (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, context "
         f"{m.context_length})",

@@ -14,7 +14,6 @@ sharded, DDP-wrapped's inner module, or plain; without a process group DCP runs 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -24,11 +23,10 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
+from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, STEP_DIR, CheckpointError, save_checkpoint
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"
-STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
 def step_folder(checkpoint_dir: str | Path, step: int) -> Path:
