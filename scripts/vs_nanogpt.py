@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np
 
+from data.dataset import load_split
 from models.config import Config, ConfigError
 from models.config_loader import load_config
 from utils.errors import UserError, run_cli
@@ -58,10 +59,8 @@ def prepare_nanogpt_data(nanogpt: Path, data_dir: Path) -> None:
     out = nanogpt / "data" / DATASET
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        src = data_dir / f"{split}.bin"
-        if not src.is_file():
-            raise UserError(f"{src} is missing; prepare the data first: python -m data.prepare_dataset")
-        np.fromfile(src, dtype=np.uint8).astype(np.uint16).tofile(out / f"{split}.bin")
+        data = load_split(data_dir, split)  # one shard or many
+        data[np.arange(len(data))].astype(np.uint16).tofile(out / f"{split}.bin")
     (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 256}))
 
 

@@ -1,5 +1,6 @@
 """The training step and schedule: formulas, accumulation, overfitting, precisions, non-finite guard, options."""
 
+import itertools
 import math
 
 import pytest
@@ -104,9 +105,10 @@ def test_newton_schulz_is_near_orthogonal():
     q1, _ = torch.linalg.qr(torch.randn(64, 64))
     q2, _ = torch.linalg.qr(torch.randn(64, 64))
     square = q1 @ torch.diag(torch.logspace(0, 1, 64)) @ q2  # singular values spanning 10x
-    for g in (square, torch.randn(32, 96), torch.randn(96, 32)):
-        s = torch.linalg.svdvals(newton_schulz(g).float())
+    for g, dtype in itertools.product((square, torch.randn(32, 96), torch.randn(96, 32)),
+                                      (torch.bfloat16, torch.float32)):
+        s = torch.linalg.svdvals(newton_schulz(g, dtype=dtype).float())
         assert s.min() > 0.5 and s.max() < 1.3, (g.shape, s.min(), s.max())
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        cos = torch.nn.functional.cosine_similarity(newton_schulz(g).float().flatten(), (u @ vh).flatten(), dim=0)
+        cos = torch.nn.functional.cosine_similarity(newton_schulz(g, dtype=dtype).float().flatten(), (u @ vh).flatten(), dim=0)
         assert cos > 0.9

@@ -32,14 +32,15 @@ def lr_at(step: int, cfg: ScheduleConfig, peak_lr: float, max_steps: int) -> flo
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - cfg.min_lr)
 
 
-def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
-    """Approximately orthogonalise G (the U V^T of its SVD), in bf16 as the published Muon does.
+def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximately orthogonalise G (the U V^T of its SVD), in bf16 as the published Muon does
+    (fp32 where the run trains in fp32: CPUs without bf16 units run bf16 matmuls several times slower).
 
     The quintic coefficients push singular values into roughly [0.7, 1.2] in few steps rather
     than converging exactly to 1, which is all the update needs.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
@@ -50,19 +51,19 @@ def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
     return X.mT if tall else X
 
 
-def orthogonalised(G: Tensor, steps: int) -> Tensor:
+def orthogonalised(G: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """newton_schulz of the whole matrix, also when G is an FSDP shard (a DTensor).
 
     Orthogonalisation needs the full matrix, so a shard is gathered first; every rank then holds
     the same full update and keeps only its own shard of it.
     """
     if not hasattr(G, "full_tensor"):
-        return newton_schulz(G, steps)
+        return newton_schulz(G, steps, dtype)
     try:  # torch 2.5+
         from torch.distributed.tensor import distribute_tensor
     except ImportError:
         from torch.distributed._tensor import distribute_tensor
-    full = newton_schulz(G.full_tensor(), steps)
+    full = newton_schulz(G.full_tensor(), steps, dtype)
     try:  # torch 2.7+: each rank slices its own copy, no scatter from rank 0
         return distribute_tensor(full, G.device_mesh, G.placements, src_data_rank=None)
     except TypeError:
@@ -73,7 +74,9 @@ class Muon(torch.optim.Optimizer):
     """Muon for param groups with muon=True, AdamW for the others."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, betas: tuple[float, float],
-                 adam_lr: float, ns_steps: int = 5, eps: float = 1e-8) -> None:
+                 adam_lr: float, ns_steps: int = 5, eps: float = 1e-8,
+                 ns_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.ns_dtype = ns_dtype
         defaults = dict(lr=lr, momentum=momentum, betas=betas, eps=eps, ns_steps=ns_steps, weight_decay=0.0)
         for g in groups:
             g.setdefault("lr", lr if g["muon"] else adam_lr)
@@ -94,7 +97,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.lerp(buf, group["momentum"])  # Nesterov
                     # scale so the update's RMS does not shrink for tall matrices
                     scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                    p.add_(orthogonalised(g, group["ns_steps"]).to(p.dtype), alpha=-lr * scale)
+                    p.add_(orthogonalised(g, group["ns_steps"], self.ns_dtype).to(p.dtype), alpha=-lr * scale)
                 else:
                     if not state:
                         state.update(step=torch.zeros((), dtype=torch.float32),
@@ -108,7 +111,9 @@ class Muon(torch.optim.Optimizer):
                     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    precision: str = "bf16") -> torch.optim.Optimizer:
+    """precision: the run's resolved train.precision; Muon's orthogonalisation follows it."""
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
@@ -120,7 +125,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
             dict(params=vectors, muon=False, weight_decay=0.0),
         ]
         return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                    adam_lr=cfg.lr)
+                    adam_lr=cfg.lr, ns_dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
     groups = [dict(params=matrices, weight_decay=cfg.weight_decay), dict(params=vectors, weight_decay=0.0)]
     # one fused kernel over all tensors; on CPU (torch 2.4+) it cut AdamW's time 4x (docs/benchmarks.md)
     fused = cfg.fused and fused_adamw(device)

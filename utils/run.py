@@ -186,7 +186,7 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
     model_for_training = maybe_compile(model, cfg, info.device, logger)
     model_for_training = wrap(model_for_training) if wrap else model_for_training
-    optimizer = build_optimizer(model, cfg.optim, info.device)
+    optimizer = build_optimizer(model, cfg.optim, info.device, t.precision)
     autocast = autocast_context(info.device, t.precision)
     peak, peak_source = peak_flops(info.device, t.precision)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
