@@ -14,79 +14,16 @@ goes to stderr.
 from __future__ import annotations
 
 import argparse
-import codecs
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from models.transformer import GPT
 from utils.checkpoint import build_model, load_checkpoint
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli
+from utils.generation import TextStream, generate_text
 from utils.precision import DTYPES, sampling_precision
-
-class TextStream:
-    """One sample's bytes in, printable text out, ending just before the first stop string.
-
-    UTF-8 is decoded incrementally: the bytes of an incomplete character wait for the rest and
-    invalid bytes become U+FFFD, so no broken character is ever printed. Text that may be the
-    start of a stop string is held back until it cannot be.
-    """
-
-    def __init__(self, stops: list[str], prompt: bytes = b"") -> None:
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops, self.pending, self.text, self.tokens, self.done = stops, "", "", 0, False
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.echo = self.decoder.decode(prompt)  # the prompt's own text; a split last character waits
-
-    def push(self, data: bytes, final: bool = False) -> str:
-        """New bytes in (final: no more will come); the text that is now safe to print."""
-        if self.done:
-            return ""
-        self.tokens += len(data)
-        self.pending += self.decoder.decode(data, final)
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.done = True
-            cut = min(hits)
-        else:
-            cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], "" if self.done else self.pending[cut:]
-        self.text += out
-        return out
-
-
-def generate_text(model: GPT, prompt: bytes, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-                  seed: int | None = None, stops: list[str] | None = None,
-                  write: Callable[[str], None] | None = None) -> tuple[list[str], int]:
-    """Continue prompt in num_samples samples generated as one batch.
-
-    Returns the continuations and the number of tokens they took (a stop string ends a sample
-    early). Sample 0 streams through `write`, prompt first, as its characters complete.
-    """
-    device = model.tok_emb.weight.device
-    idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    streams = [TextStream(stops or [], prompt) for _ in range(num_samples)]
-    emit = write or (lambda s: None)
-    emit(streams[0].echo)
-    for tokens in model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator):
-        outs = [stream.push(bytes([token])) for stream, token in zip(streams, tokens.tolist())]
-        emit(outs[0])
-        if all(s.done for s in streams):
-            break
-    tails = [stream.push(b"", final=True) for stream in streams]
-    emit(tails[0])
-    return [s.text for s in streams], sum(s.tokens for s in streams)
 
 
 def escaped(s: str) -> str:

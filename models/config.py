@@ -6,7 +6,7 @@
 | train         | utils/trainer.py Trainer (the loop)           |
 | optim         | utils/optim.py build_optimizer                |
 | schedule      | utils/optim.py build_scheduler                |
-| eval          | utils/trainer.py (validation and samples)     |
+| eval          | utils/validation.py Validator                 |
 | checkpoint    | utils/checkpoint.py Checkpointer              |
 | logging       | utils/metrics.py MetricsLogger                |
 | distributed   | utils/distributed.py                          |

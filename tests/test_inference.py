@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
-from inference import TextStream, escaped, generate_text
+from inference import escaped
+from utils.generation import TextStream, generate_text
 from utils.checkpoint import load_model
 from models.config import ModelConfig
 from models.transformer import GPT, filter_logits, sample_next
