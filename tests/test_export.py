@@ -144,7 +144,7 @@ def quickstart_export(tmp_path_factory) -> Iterator[Path]:
 def readme_hf_snippet() -> str:
     """The README's ```python block that follows the export command."""
     readme = (ROOT / "README.md").read_text()
-    found = re.search(r"python scripts/export_hf\.py[^\n]*\n```\n```python\n(.*?)```", readme, re.S)
+    found = re.search(r"python -m scripts\.export_hf[^\n]*\n```\n```python\n(.*?)```", readme, re.S)
     assert found, "README: the export command is no longer followed by its ```python snippet"
     return found.group(1)
 
