@@ -124,7 +124,8 @@ def _parquet(path: Path, field: str, progress: Progress) -> Iterator[tuple[bool,
 
     row = 0
     try:
-        pf = pq.ParquetFile(path)
+        # pre_buffer keeps the buffers of every row group read so far: memory grew with the file
+        pf = pq.ParquetFile(path, pre_buffer=False)
         schema = pf.schema_arrow
         if field not in schema.names:
             raise DataError(f"{path}: no column '{field}' (columns: {', '.join(schema.names[:8])}); name the "
