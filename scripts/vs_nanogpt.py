@@ -59,8 +59,9 @@ def prepare_nanogpt_data(nanogpt: Path, data_dir: Path) -> None:
     out = nanogpt / "data" / DATASET
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        data = load_split(data_dir, split)  # one shard or many
-        data[np.arange(len(data))].astype(np.uint16).tofile(out / f"{split}.bin")
+        with open(out / f"{split}.bin", "wb") as f:
+            for shard in load_split(data_dir, split).paths:  # one shard or many, checked against the manifest
+                np.fromfile(shard, dtype=np.uint8).astype(np.uint16).tofile(f)
     (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 256}))
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_overrides
 from models.config_loader import load_config
 from utils.distributed import DistInfo
 from utils.metrics import MetricsLogger
-from utils.optim import lr_at, newton_schulz
+from utils.optim import build_optimizer, lr_at, newton_schulz
 from utils.run import build_trainer, load_data
 from utils.trainer import Trainer, TrainingDiverged
 
@@ -97,6 +97,17 @@ def test_every_option_trains(tiny_data, tmp_path, options):
     trainer = make_trainer(tiny_data, tmp_path, train__max_steps=30, optim__lr=3e-3, **options)
     losses = [trainer.train_step()[0] for _ in range(30)]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses[::5]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.bfloat16)])
+def test_muon_orthogonalises_in_the_runs_precision(precision, dtype):
+    """An fp32 run never pays for bf16 matmuls in the optimizer (several times slower on CPUs without bf16 units)."""
+    from models.config import ModelConfig, OptimConfig
+    from models.transformer import GPT
+
+    model = GPT(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=16))
+    assert build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"), precision).ns_dtype == dtype
 
 
 def test_newton_schulz_is_near_orthogonal():
