@@ -6,14 +6,14 @@
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
 schedule is then planned for exactly that many), then trained once per seed; the final validation
 loss is a full deterministic pass over the split. Prints a markdown table and writes JSON rows.
-Budgets count training steps only (the "s of training" the trainer logs), not startup or evaluation.
+Budgets count training steps only (the trainer's train/seconds), not startup or evaluation; figures are read
+from each run's metrics.jsonl at full precision (a log line's 0.1 s rounding reads 0 on a fast machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,25 +21,26 @@ from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE = re.compile(r"done: (\d+) steps in ([\d.]+) s of training")
-VAL = re.compile(r"step (\d+): val loss ([\d.]+), .* after ([\d.]+) s of training")
 
 
-def train(config: str, overrides: list[str], workdir: Path) -> str:
-    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
-           f"checkpoint.dir={workdir / 'ckpt'}", f"logging.dir={workdir / 'logs'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout
+def train(config: str, overrides: list[str]) -> dict[str, float]:
+    """Run train_single.py in a scratch folder; the last value of every scalar its metrics.jsonl holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
+               f"checkpoint.dir={Path(tmp) / 'ckpt'}", f"logging.dir={Path(tmp) / 'logs'}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        last: dict[str, float] = {}
+        for line in next(Path(tmp, "logs").glob("*.metrics.jsonl")).read_text().splitlines():
+            last.update(json.loads(line))
+        return last
 
 
 def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = train(config, [*overrides, f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0",
-                             "eval.sample_tokens=0", "eval.max_bytes=1000"], Path(tmp))
-    n, secs = DONE.search(out).groups()
-    return float(secs) / int(n)
+    last = train(config, [*overrides, f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0",
+                          "eval.sample_tokens=0", "eval.max_bytes=1000"])
+    return last["train/seconds"] / last["step"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = max(1, int(args.budget / sps))
         losses, times = [], []
         for seed in args.seeds:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps}",
-                                          f"eval.every={steps}", "checkpoint.every=0"], Path(tmp))
-            *_, (step, loss, secs) = VAL.findall(out)
-            losses.append(float(loss))
-            times.append(float(secs))
-            run = {"variant": name, "overrides": overrides, "seed": seed, "steps": steps, "val_loss": float(loss),
-                   "train_seconds": float(secs), "budget": args.budget, "config": args.config}
+            last = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps}",
+                                       f"eval.every={steps}", "checkpoint.every=0"])
+            losses.append(last["val/loss"])
+            times.append(last["train/seconds"])
+            run = {"variant": name, "overrides": overrides, "seed": seed, "steps": steps, "val_loss": last["val/loss"],
+                   "train_seconds": last["train/seconds"], "budget": args.budget, "config": args.config}
             print(json.dumps(run), file=sys.stderr)
             if args.json:
                 with open(args.json, "a") as f:
