@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Iterable
 
 
-from data.progress import Progress
 from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,
                          commit, read_manifest, remove_staged, split_off_tail)
 from data.sources import check_inputs, expand_inputs, joined_stream
 from utils.errors import ArgumentParser, run_cli
+from utils.progress import progress
 
 DEFAULT_SHARD_SIZE = 1 << 30
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
         out, shard_size, separator = Path(args.out), parse_size(args.shard_size), unescape(args.separator)
-        progress = None
+        bar = None
         if args.input:
             files = expand_inputs(args.input, exclude=out)
             check_inputs(files)
-            progress = Progress(sum(f.stat().st_size for f in files), f"preparing {out.name}", args.progress_every)
-            chunks, sources = joined_stream(files, separator, args.text_field, progress), [str(f) for f in files]
+            bar = progress(sum(f.stat().st_size for f in files), f"preparing {out.name}", unit="B",
+                           interval=args.progress_every)
+            chunks, sources = joined_stream(files, separator, args.text_field, bar.update), [str(f) for f in files]
         else:
             data, sources = default_corpus()
             chunks = [data]
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                                       append=args.append, reader={"separator": separator.decode(),
                                                                   "text_field": args.text_field})
         finally:
-            if progress is not None:
-                progress.close()
+            if bar is not None:
+                bar.close()
         state = ("appended to" if args.append else "wrote") if wrote else "already up to date:"
         shards = sum(len(v) for v in manifest["splits"].values())
         print(f"{state} {out}: {manifest['train_bytes']:,} train, {manifest['val_bytes']:,} val, "

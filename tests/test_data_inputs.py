@@ -122,7 +122,8 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(tmp_path):
     (tmp_path / "in.txt").write_bytes(b"some text " * 300_000)
     args = [sys.executable, "-m", "data.prepare_dataset", "--input", tmp_path / "in.txt", "--progress-every", "0"]
     piped = run_script(*args[1:], "--out", tmp_path / "a", check=True)
-    assert re.search(r"preparing .*: 3 of 3 MB \(100%\), [\d.,]+ MB/s, ETA 0 s", piped.stderr), piped.stderr
+    assert re.search(r"preparing .*: 3 of 3 MB \(100%\), [\d.,]+ MB/s, \d+ s elapsed, ETA 0 s", piped.stderr), \
+        piped.stderr
     assert "\r" not in piped.stderr and "it/s" not in piped.stderr
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real terminal has a size

@@ -1,6 +1,6 @@
-"""Progress of a long step (evaluation, export, benchmark): a tqdm bar when stderr is a terminal,
-otherwise one plain line every BYTEGPT_PROGRESS_INTERVAL seconds (default 30), never both, so a
-redirected log holds readable lines and no carriage-return bar fragments.
+"""Progress of a long step (dataset preparation, evaluation, export, benchmark): a tqdm bar when stderr
+is a terminal, otherwise one plain line every few seconds (BYTEGPT_PROGRESS_INTERVAL, default 30),
+never both, so a redirected log holds readable lines and no carriage-return bar fragments.
 """
 
 from __future__ import annotations
@@ -16,21 +16,30 @@ INTERVAL_ENV = "BYTEGPT_PROGRESS_INTERVAL"
 
 
 class LineProgress:
-    """tqdm's update/close interface, printing `desc: n/total unit (p%), t s elapsed` at most every interval s."""
+    """tqdm's update/close interface, printing at most every `interval` s:
+    `desc: done of total unit (p%), rate unit/s, t s elapsed, ETA s` (bytes counted in MB)."""
 
     def __init__(self, total: int, desc: str, unit: str, interval: float) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n = 0
         self.start = self.last = time.monotonic()
 
+    def amount(self, n: float) -> str:
+        return f"{n / 1e6:,.0f}" if self.unit == "B" else f"{n:,.0f}"
+
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-            print(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}{pct}, {now - self.start:.0f} s elapsed",
-                  file=sys.stderr, flush=True)
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.n / max(elapsed, 1e-9)
+        unit, per_s = ("MB", f"{rate / 1e6:,.1f}") if self.unit == "B" else (self.unit, f"{rate:,.1f}")
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        eta = f", ETA {max(self.total - self.n, 0) / max(rate, 1e-9):,.0f} s" if self.total else ""
+        print(f"{self.desc}: {self.amount(self.n)} of {self.amount(self.total)} {unit}{pct}, {per_s} {unit}/s, "
+              f"{elapsed:,.0f} s elapsed{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -42,15 +51,20 @@ class LineProgress:
         self.close()
 
 
-def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
-    """A bar or a line printer for `total` units of work; silent when not enabled (other ranks)."""
-    try:
-        interval = float(os.environ.get(INTERVAL_ENV, "30")) if enabled else math.inf
-    except ValueError:
-        raise UserError(f"{INTERVAL_ENV} must be a number of seconds (got {os.environ[INTERVAL_ENV]!r})") from None
+def progress(total: int, desc: str, unit: str = "it", enabled: bool = True, interval: float | None = None):
+    """A bar or a line printer for `total` units of work (unit "B": bytes); silent when not enabled (other
+    ranks). `interval` (seconds between lines) defaults to BYTEGPT_PROGRESS_INTERVAL, else 30."""
+    if not enabled:
+        interval = math.inf
+    elif interval is None:
+        try:
+            interval = float(os.environ.get(INTERVAL_ENV, "30"))
+        except ValueError:
+            raise UserError(f"{INTERVAL_ENV} must be a number of seconds (got {os.environ[INTERVAL_ENV]!r})") from None
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 
-        # leave=False: the bar disappears when done, so it never mixes with the lines printed after it
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+        # leave=None: a bar of its own stays when done (with its totals); one under the training bar vanishes
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024, leave=None,
+                    dynamic_ncols=True, file=sys.stderr)
     return LineProgress(total, desc, unit, interval)
