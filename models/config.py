@@ -7,7 +7,7 @@
 | optim         | utils/optim.py build_optimizer                |
 | schedule      | utils/optim.py build_scheduler                |
 | eval          | utils/validation.py Validator                 |
-| checkpoint    | utils/checkpoint.py Checkpointer              |
+| checkpoint    | utils/checkpointer.py Checkpointer            |
 | logging       | utils/metrics.py MetricsLogger                |
 | distributed   | utils/distributed.py                          |
 

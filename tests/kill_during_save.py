@@ -8,11 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import utils.checkpoint as checkpoint  # noqa: E402
+import utils.checkpointer as checkpointer  # noqa: E402
 import train_single  # noqa: E402
 
 target = f"step_{int(os.environ['KILL_AT_STEP']):07d}.pt"
-real_save = checkpoint.save_checkpoint
+real_save = checkpointer.save_checkpoint
 
 
 def save_then_die(state: dict, path) -> None:
@@ -22,5 +22,5 @@ def save_then_die(state: dict, path) -> None:
     real_save(state, path)
 
 
-checkpoint.save_checkpoint = save_then_die
+checkpointer.save_checkpoint = save_then_die
 sys.exit(train_single.main())

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils import checkpoint as ckpt
-from utils.checkpoint import BEST, CONFIG_FILE, LAST, Checkpointer, CheckpointError
+from utils.checkpoint import CheckpointError
+from utils.checkpointer import BEST, CONFIG_FILE, LAST, STEP_FILE, Checkpointer
 from utils.distributed import DistInfo
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
@@ -71,7 +72,7 @@ def test_no_start_or_save_loses_the_newest_loadable_checkpoint(files, resume, ke
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for name, kind, step in files:
-            m = ckpt.STEP_FILE.fullmatch(name)  # a step file's content matches its name
+            m = STEP_FILE.fullmatch(name)  # a step file's content matches its name
             write(d / name, kind, int(m.group(1)) if m else step)
         before = snapshot(d)
         newest = max(loadable_steps(d), default=0)
@@ -100,7 +101,7 @@ def test_no_start_or_save_loses_the_newest_loadable_checkpoint(files, resume, ke
                 assert before[f"step_{newest:07d}.pt"] == after[f"step_{newest:07d}.pt"]
             assert before.get(BEST) == after.get(BEST)
             for name, content in before.items():  # nothing newer than this save is touched
-                m = ckpt.STEP_FILE.fullmatch(name)
+                m = STEP_FILE.fullmatch(name)
                 if m and int(m.group(1)) > step:
                     assert after[name] == content
             assert ckpt.load_checkpoint(d / LAST)[ckpt.TRAINER]["step"] == step

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, tiny_overrides
 from utils import checkpoint as ckpt
+from utils.checkpointer import Checkpointer
 from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
 from utils.stopping import StopFlag
 
@@ -99,7 +100,7 @@ def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data,
     assert ("no space left on device" in err.lower()) if fault == "full" else ("read-only" in err.lower()), err
     if fault == "full":
         (small_disk / "filler").unlink()
-    newest = ckpt.Checkpointer(small_disk, 3, None).find_resume("auto", warn=print)
+    newest = Checkpointer(small_disk, 3, None).find_resume("auto", warn=print)
     assert newest is not None and newest[1][ckpt.TRAINER]["step"] >= 2
 
 

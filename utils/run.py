@@ -26,7 +26,8 @@ from models.config import Config, ConfigError
 from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
 from utils import checkpoint as ckpt
-from utils.checkpoint import Checkpointer, CheckpointError
+from utils.checkpoint import CheckpointError
+from utils.checkpointer import Checkpointer
 from utils.device import device_name
 from utils.distributed import DistInfo, broadcast_object, gather_object
 from utils.errors import UserError

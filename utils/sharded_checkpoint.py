@@ -23,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, STEP_DIR, CheckpointError, save_checkpoint
+from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
+from utils.checkpointer import STEP_DIR
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"

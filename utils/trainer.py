@@ -18,7 +18,7 @@ import torch.nn as nn
 from data.dataset import BatchPlan
 from models.config import TrainConfig
 from utils import checkpoint as ckpt
-from utils.checkpoint import Checkpointer
+from utils.checkpointer import Checkpointer
 from utils.distributed import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
 from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from utils.metrics import MetricsLogger, ThroughputMeter, format_seconds
