@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
+from models.config_loader import load_config
+from utils.errors import ArgumentParser, UserError, one_line, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +33,8 @@ def train(config: str, overrides: list[str]) -> dict[str, float]:
                f"checkpoint.dir={Path(tmp) / 'ckpt'}", f"logging.dir={Path(tmp) / 'logs'}"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+            why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {one_line(why[0])}")
         last: dict[str, float] = {}
         for line in next(Path(tmp, "logs").glob("*.metrics.jsonl")).read_text().splitlines():
             last.update(json.loads(line))
@@ -43,8 +47,8 @@ def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
     return last["train/seconds"] / last["step"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--budget", type=float, required=True, help="seconds of training per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
@@ -53,10 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-steps", type=int, default=60)
     p.add_argument("--json", default=None, help="append one JSON line per run here")
     args = p.parse_args(argv)
+    if not args.budget > 0 or args.calibration_steps < 1:
+        raise UserError(f"--budget must be positive and --calibration-steps at least 1 (got {args.budget} and "
+                        f"{args.calibration_steps})")
+    args.variant = [(name, rest.split()) for name, _, rest in (v.partition(":") for v in args.variant)]
+    for name, overrides in args.variant:  # every variant's config is checked before hours of runs start
+        try:
+            load_config(args.config, overrides)
+        except UserError as e:
+            raise UserError(f"variant {name!r}: {e}") from None
+    return args
+
+
+def ablate(args: argparse.Namespace) -> int:
     rows = []
-    for spec in args.variant:
-        name, _, rest = spec.partition(":")
-        overrides = rest.split()
+    for name, overrides in args.variant:
         sps = seconds_per_step(args.config, overrides, args.calibration_steps)
         steps = max(1, int(args.budget / sps))
         losses, times = [], []
@@ -79,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | `{ov}` | {steps} | {secs:.1f} | " + " | ".join(f"{l:.4f}" for l in losses)
               + f" | **{mean(losses):.4f}** |")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: ablate(parse_args(argv)))
 
 
 if __name__ == "__main__":

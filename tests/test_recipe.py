@@ -62,3 +62,16 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     runs = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("base", 2), ("rope", 1), ("rope", 2)]
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--variant", "base", "--variant", "typo:model.dimm=64"], "variant 'typo': unknown config key 'model.dimm'"),
+    (["--variant", "base", "--budget", "nan"], "--budget must be positive"),
+])
+def test_ablate_refuses_bad_input_in_one_line_before_any_run(tmp_path, args, says):
+    """A bad variant or budget is one line and exit 2 before the first (long) training run starts."""
+    proc = run_script("-m", "scripts.ablate", "--config", "configs/cpu_quickstart.yaml", "--budget", "1", *args,
+                      "--json", tmp_path / "runs.jsonl")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {says}") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert not (tmp_path / "runs.jsonl").exists()
