@@ -20,12 +20,10 @@ class LineProgress:
     `desc: done of total unit (p%), rate unit/s, t s elapsed, ETA s` (bytes counted in MB)."""
 
     def __init__(self, total: int, desc: str, unit: str, interval: float) -> None:
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.total, self.desc, self.interval = total, desc, interval
+        self.scale, self.unit = (1e6, "MB") if unit == "B" else (1, unit)
         self.n = 0
         self.start = self.last = time.monotonic()
-
-    def amount(self, n: float) -> str:
-        return f"{n / 1e6:,.0f}" if self.unit == "B" else f"{n:,.0f}"
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -35,11 +33,10 @@ class LineProgress:
         self.last = now
         elapsed = now - self.start
         rate = self.n / max(elapsed, 1e-9)
-        unit, per_s = ("MB", f"{rate / 1e6:,.1f}") if self.unit == "B" else (self.unit, f"{rate:,.1f}")
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = f", ETA {max(self.total - self.n, 0) / max(rate, 1e-9):,.0f} s" if self.total else ""
-        print(f"{self.desc}: {self.amount(self.n)} of {self.amount(self.total)} {unit}{pct}, {per_s} {unit}/s, "
-              f"{elapsed:,.0f} s elapsed{eta}", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.n / self.scale:,.0f} of {self.total / self.scale:,.0f} {self.unit}{pct}, "
+              f"{rate / self.scale:,.1f} {self.unit}/s, {elapsed:,.0f} s elapsed{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
