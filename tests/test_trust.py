@@ -132,7 +132,7 @@ def test_ranks_that_disagree_stop_at_once_with_the_keys(tiny_data, tmp_path):
     """One rank with another optim.lr and checkpoint.every: every rank exits at start naming both keys."""
     overrides = tiny_overrides(tiny_data, tmp_path, **LONG) + ["distributed.timeout_s=300"]
     t0 = time.monotonic()
-    proc = run_torchrun(2, "tests/helpers/rank1_override.py", "--device", "cpu", *overrides, timeout=240,
+    proc = run_torchrun(2, "tests/helpers/instrumented_ddp.py", "--device", "cpu", *overrides, timeout=240,
                         env=child_env(RANK1_OVERRIDES="optim.lr=0.5 checkpoint.every=7"))
     assert time.monotonic() - t0 < 120  # nowhere near the collective timeout
     assert proc.returncode != 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -9,6 +11,7 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any group: its functions' defaults would hold group.WORLD for good
 import torch.nn as nn
 
 from models.config import DistributedConfig
@@ -37,6 +40,8 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
 
     The group gets a store of its own (utils/rendezvous.py: a restarted group must not read the keys of
     the one before) and a watchdog (utils/watchdog.py: a rank that ends early ends the others at once).
+    The group is freed, its threads joined, when the with-block ends (_free_group), so the objects built on
+    it must not outlive the block.
     """
     rank, local_rank, world_size = env_ranks()
     device = resolve_device(device_arg, local_rank)
@@ -55,10 +60,39 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
     except BaseException as e:
         # a UserError is this rank's own verdict; anything else may be a collective failing for a dead peer
         watchdog.stop(finished=False, error_may_be_a_peers=not isinstance(e, UserError))
-        dist.destroy_process_group()
+        traceback.clear_frames(e.__traceback__)  # the frames it was raised from hold the model, the model the group
+        _free_group()
         raise
-    dist.destroy_process_group()
+    _free_group()
     watchdog.stop(finished=True)
+
+
+def _free_group() -> None:
+    """Destroy the group and free it now, which joins its backend's threads. Otherwise it lives on in the
+    objects that used it until interpreter exit, and a gloo worker still releasing the last collective's
+    tensors then needs the GIL as the interpreter goes away: SIGABRT ("terminate called without an active
+    exception") after a run that succeeded."""
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    for mesh in _meshes:  # DTensor's caches keep the mesh, and a mesh of newer torch its groups
+        getattr(mesh, "_pg_registry", {}).clear()
+    _meshes.clear()
+    gc.collect()  # DDP's reducer, in a reference cycle
+    # The last reference goes here, not in a reducer freed by the collection: ProcessGroup's own
+    # destructor lets go of the GIL while it joins the workers, which may need it for that release.
+    del group
+
+
+_meshes: list[Any] = []  # the device meshes built on the current group (group_mesh), let go with it
+
+
+def group_mesh(info: DistInfo) -> Any:
+    """The 1-D device mesh over every rank of the group (FSDP2 shards over it), released with the group."""
+    from torch.distributed.device_mesh import init_device_mesh  # DTensor: about 1.5 s, so only when used
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    _meshes.append(mesh)
+    return mesh
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

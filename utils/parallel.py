@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from models.config import DistributedConfig, TrainConfig
-from utils.distributed import DistInfo, unwrap
+from utils.distributed import DistInfo, group_mesh, unwrap
+
 
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
     if info.world_size == 1:
@@ -45,11 +46,12 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module
     # bf16: compute in bf16, reduce-scatter gradients in fp32 so the sum over ranks loses nothing
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if train.precision == "bf16" else MixedPrecisionPolicy()
+    mesh = group_mesh(info)
     for block in raw.blocks:
         if compiled:
             block.compile()
-        fully_shard(block, mp_policy=mp)
-    fully_shard(raw, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(raw, mesh=mesh, mp_policy=mp)
     return raw
 
 

@@ -4,10 +4,14 @@
     RECORD_RANKS=DIR                      each rank writes its DistInfo, torchrun's GROUP_RANK and its parent's pid
                                           (its torchrun agent) to DIR/rank<R>.json
     FAIL_RANK=1 FAIL_AT_STEP=2            that rank raises in train_step at that step (a fault, not a hang)
+    RANK1_OVERRIDES="optim.lr=0.5 ..."    overrides appended on rank 1 only: ranks that disagree
+    RECORD_THREADS=DIR                    each rank writes how many gloo worker threads its process group
+                                          started, and how many are left once train_ddp.main returned (or raised)
 
 The probes wrap Trainer/BatchPlan methods from outside, so the product code carries no test hooks.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train_ddp  # noqa: E402
+from utils import run  # noqa: E402
 from data.dataset import BatchPlan  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
@@ -58,6 +63,30 @@ def fail_at(rank: int, step: int) -> None:
     Trainer.train_step = failing_train_step
 
 
+def gloo_workers() -> int:
+    """Gloo's worker threads in this process, by the name torch gives them, as the kernel lists them."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text().strip())
+    return names.count("pt_gloo_runloop")
+
+
+def record_threads() -> dict:
+    """Counted after the run's first collective (the ranks comparing configs), whether or not they agree."""
+    record: dict = {}
+    check = run.check_ranks_agree
+
+    def counting_check(*args, **kwargs) -> None:
+        try:
+            check(*args, **kwargs)
+        finally:
+            record["started"] = gloo_workers()
+
+    run.check_ranks_agree = counting_check
+    return record
+
+
 if __name__ == "__main__":
     if "RECORD_BATCHES" in os.environ:
         record_batches(Path(os.environ["RECORD_BATCHES"]))
@@ -65,4 +94,13 @@ if __name__ == "__main__":
         record_ranks(Path(os.environ["RECORD_RANKS"]))
     if "FAIL_RANK" in os.environ:
         fail_at(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_AT_STEP"]))
-    sys.exit(train_ddp.main())
+    if os.environ.get("RANK") == "1" and "RANK1_OVERRIDES" in os.environ:
+        sys.argv += os.environ["RANK1_OVERRIDES"].split()
+    threads = record_threads() if "RECORD_THREADS" in os.environ else None
+    try:
+        sys.exit(train_ddp.main())
+    finally:
+        if threads is not None:
+            out = Path(os.environ["RECORD_THREADS"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({**threads, "after": gloo_workers()}))
