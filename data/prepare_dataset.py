@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-
 from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,
                          commit, read_manifest, remove_staged, split_off_tail)
 from data.sources import check_inputs, expand_inputs, joined_stream
