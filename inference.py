@@ -24,14 +24,7 @@ from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.generation import TextStream, generate_text
 from utils.precision import DTYPES, sampling_precision
-
-
-def escaped(s: str) -> str:
-    """Interpret backslash escapes ("\\n\\n" -> two newlines) and keep every other character."""
-    try:
-        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--stop {s!r} has a broken backslash escape ({e.reason}); write a backslash as \\\\") from None
+from utils.text import unescape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses NaN
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    args.stop = [escaped(s) for s in args.stop]
+    args.stop = [unescape(s) for s in args.stop]
     if "" in args.stop:
         raise UserError("--stop strings must not be empty")
     return args

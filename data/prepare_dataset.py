@@ -29,6 +29,7 @@ from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWri
 from data.sources import check_inputs, expand_inputs, joined_stream
 from utils.errors import ArgumentParser, run_cli
 from utils.progress import progress
+from utils.text import unescape
 
 DEFAULT_SHARD_SIZE = 1 << 30
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -135,12 +136,6 @@ def parse_size(text: str) -> int:
     return int(match[1]) * UNITS[match[2].upper()]
 
 
-def unescape(text: str) -> bytes:
-    r"""The separator as typed on a shell command line: \n, \t, \r, \0 and \\ are understood."""
-    table = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
-    return re.sub(r"\\(.)", lambda m: table.get(m[1], m[0]), text).encode("utf-8")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Prepare a byte-level dataset for training.")
     p.add_argument("--input", nargs="+", default=None,
@@ -171,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
-        out, shard_size, separator = Path(args.out), parse_size(args.shard_size), unescape(args.separator)
+        out, shard_size, separator = Path(args.out), parse_size(args.shard_size), unescape(args.separator).encode()
         bar = None
         if args.input:
             files = expand_inputs(args.input, exclude=out)

@@ -32,12 +32,11 @@ from pathlib import Path
 
 
 import torch
-import torch.nn as nn
 
 from models.config import Config, ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
-from utils.distributed import DistInfo, gather_object, process_group
+from utils.distributed import DistInfo, gather_object, process_group, without_ddp
 from utils.errors import ArgumentParser, run_cli
 from utils.flops import model_flops_utilization, peak_flops
 from utils.metrics import MetricsLogger
@@ -95,8 +94,7 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
             state_mib = local_state_mib(trainer)
         finally:
             logger.close()
-    inner = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model
-    compiled = hasattr(inner, "_orig_mod")
+    compiled = hasattr(without_ddp(trainer.model), "_orig_mod")
     peak, peak_source = peak_flops(info.device, t.precision)
     step_s = statistics.median(times)
     tokens_per_sec = trainer.meter.tokens_per_step / info.world_size / step_s

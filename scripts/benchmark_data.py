@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from data.prepare_dataset import parse_size
+from utils.device import device_name
 from utils.errors import ArgumentParser, UserError, run_cli
-from scripts.benchmark import device_name
 
 WORDS = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
          "you were all her she there would their we him been has when who will no more if out so said what up its "

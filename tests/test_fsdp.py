@@ -11,6 +11,8 @@ import torch
 from conftest import TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, \
     tiny_overrides
 from utils import sharded_checkpoint as sharded
+from utils.checkpointer import Checkpointer
+from utils.distributed import DistInfo
 
 PROBE = "tests/helpers/fsdp_probe.py"
 STEPS = 6  # saves at 3 and 6; every run trains on a global batch of 4 windows of 32 bytes
@@ -45,7 +47,8 @@ def runs(tmp_path_factory) -> Path:
     crash = run_torchrun(2, PROBE, "--device", "cpu", *overrides(tmp, "crash", 2), env=child_env(KILL_AT_STEP="6"))
     assert crash.returncode != 0, crash.stdout
     (tmp / "crash_listing.txt").write_text("\n".join(sorted(p.name for p in (tmp / "crash/ckpt").iterdir())))
-    (tmp / "crash_latest.txt").write_text(str(sharded.latest_complete(tmp / "crash/ckpt")))
+    resumable = Checkpointer(tmp / "crash/ckpt", 2, DistInfo(0, 0, 1, torch.device("cpu"), None), sharded=True)
+    (tmp / "crash_latest.txt").write_text(str(resumable.find_resume("auto", warn=print)[0]))
     run_torchrun(2, "train_ddp.py", "--device", "cpu", "--resume", "auto", *overrides(tmp, "crash", 2), check=True)
     resume_from(tmp, "fsdp", "two_to_one")
     run_script("train_single.py", "--device", "cpu", "--resume", "auto", *overrides(tmp, "two_to_one", 4),

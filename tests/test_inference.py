@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
-from inference import escaped
+from utils.text import unescape
 from utils.generation import TextStream, generate_text
 from utils.checkpoint import load_model
 from models.config import ModelConfig
@@ -106,9 +106,9 @@ def test_text_stream_ends_before_a_stop_string():
 
 def test_stop_strings_take_backslash_escapes():
     """--stop "\\n\\n" means two newlines; other characters, non-ASCII included, stay as typed."""
-    assert escaped("\\n\\n") == "\n\n"
-    assert escaped("日本\\té") == "日本\té"
-    assert escaped("a\\\\b") == "a\\b"
+    assert unescape("\\n\\n") == "\n\n"
+    assert unescape("日本\\té") == "日本\té"
+    assert unescape("a\\\\b") == "a\\b"
 
 
 def test_generate_text_streams_what_it_returns():

@@ -43,6 +43,10 @@ class Checkpointer:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
         self.sharded = sharded  # FSDP: one DCP folder per save (utils/sharded_checkpoint.py), written by every rank
 
+    def step_path(self, step: int) -> Path:
+        """Where step N is saved: step_NNNNNNN.pt, or the folder step_NNNNNNN/ when sharded."""
+        return self.dir / (f"step_{step:07d}" + ("" if self.sharded else ".pt"))
+
     def step_files(self) -> list[tuple[int, Path]]:
         """(step, path) of every step_NNNNNNN.pt (or, sharded, every step_NNNNNNN/ folder), oldest first."""
         if not self.dir.is_dir():
@@ -161,7 +165,7 @@ class Checkpointer:
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, step: int) -> Path:
         """Collective: write step N, verify it, point last_checkpoint.pt at it, prune older ones."""
         if self.sharded:
-            return self._save_sharded(self.dir / f"step_{step:07d}", model, optimizer, extra, step)
+            return self._save_sharded(self.step_path(step), model, optimizer, extra, step)
         state = {MODEL: model.state_dict(), OPTIMIZER: optimizer.state_dict(), **extra}
         return self._collective(lambda: self._save_step(state, step))
 
@@ -193,7 +197,7 @@ class Checkpointer:
         return self.dir
 
     def _save_step(self, state: dict, step: int) -> Path:
-        path = self.dir / f"step_{step:07d}.pt"
+        path = self.step_path(step)
         save_checkpoint(state, path)
         load_checkpoint(path, mmap=True)  # verified before anything older may go
         self._link_last(path)

@@ -120,11 +120,6 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
-def barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
-
-
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """rank 0's obj on every rank."""
     if info.world_size == 1:
@@ -141,6 +136,11 @@ def gather_object(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def without_ddp(model: nn.Module) -> nn.Module:
+    """The module DDP wraps (forward without DDP's buffer broadcast or gradient hooks); others as they are."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

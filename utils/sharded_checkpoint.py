@@ -24,14 +24,9 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
-from utils.checkpointer import STEP_DIR
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"
-
-
-def step_folder(checkpoint_dir: str | Path, step: int) -> Path:
-    return Path(checkpoint_dir) / f"step_{step:07d}"
 
 
 def _rank() -> int:
@@ -106,20 +101,6 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     dcp.load(state, checkpoint_id=str(folder))  # the caller has checked the model config matches
     set_state_dict(model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER])
     return extra
-
-
-def latest_complete(checkpoint_dir: str | Path) -> Path | None:
-    """The newest complete step folder (auto-resume); incomplete ones are never considered."""
-    d = Path(checkpoint_dir)
-    folders = sorted(p for p in d.iterdir() if STEP_DIR.fullmatch(p.name) and is_complete(p)) if d.is_dir() else []
-    return folders[-1] if folders else None
-
-
-def prune(checkpoint_dir: str | Path, keep_last: int) -> None:
-    """Keep the newest keep_last step folders; only rank 0 calls it."""
-    folders = sorted(p for p in Path(checkpoint_dir).iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
-    for old in folders[:-keep_last]:
-        shutil.rmtree(old)
 
 
 def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from data.dataset import DataError
 from models.config import EvalConfig
-from utils.distributed import DistInfo, all_reduce_sum, unwrap
+from utils.distributed import DistInfo, all_reduce_sum, unwrap, without_ddp
 from utils.progress import progress
 
 
@@ -29,10 +29,9 @@ def evaluate(model: nn.Module, data: np.ndarray, context_length: int, batch_size
     """
     T, n_targets = context_length, len(data) - 1
     n_windows = math.ceil(n_targets / T)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # DDP's forward may broadcast buffers (the RoPE tables), a collective that a rank with no
-        # window to evaluate would never join; evaluation needs no gradient sync anyway
-        model = model.module
+    # DDP's forward may broadcast buffers (the RoPE tables), a collective that a rank with no
+    # window to evaluate would never join; evaluation needs no gradient sync anyway
+    model = without_ddp(model)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of losses, count)
