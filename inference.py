@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.checkpoint import build_model, load_checkpoint
+from utils.checkpoint.format import CONFIG, build_model, load_checkpoint
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli
 from utils.generation import TextStream, generate_text
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = read_prompt(args)
         device = resolve_device(args.device, 0)
         state = load_checkpoint(args.checkpoint)
-        precision = sampling_precision(args.precision, state, device)
+        precision = sampling_precision(args.precision, state[CONFIG]["train"].get("precision"), device)
         model = build_model(state, args.checkpoint, device, DTYPES[precision])
         out = sys.stdout
         if hasattr(out, "reconfigure"):

@@ -6,18 +6,18 @@
         --rdzv_endpoint=node0:29500 train_ddp.py --config configs/default_config.yaml
     sbatch scripts/train_8gpu.sh                        # SLURM; see the README
     torchrun --standalone --nproc_per_node=2 train_ddp.py --device cpu train.batch_size=4   # CPU, gloo
-    torchrun --standalone --nproc_per_node=8 train_ddp.py distributed.strategy=fsdp       # FSDP2 (utils/parallel.py)
+    torchrun --standalone --nproc_per_node=8 train_ddp.py distributed.strategy=fsdp       # FSDP2 (utils/distributed/parallel.py)
 
 Same loop, config, checkpoints and exit codes as train_single.py; train.batch_size is per process.
 """
 
 import sys
 
-from models.config_loader import parse_cli
-from utils.distributed import process_group
+from utils.train.cli import parse_cli
+from utils.distributed.process_group import process_group
 from utils.errors import run_cli
-from utils.parallel import parallelize
-from utils.run import run_name, run_training
+from utils.distributed.parallel import parallelize
+from utils.train.run import run_name, run_training
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,11 @@ reached), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving a checkpoint, 2 bad 
 
 import sys
 
-from models.config_loader import parse_cli
+from utils.train.cli import parse_cli
 from utils.device import resolve_device
-from utils.distributed import DistInfo
+from utils.distributed.process_group import DistInfo
 from utils.errors import run_cli
-from utils.run import run_name, run_training
+from utils.train.run import run_name, run_training
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,15 @@
 """The whole config schema: typed, frozen sections, each received whole by the code it configures.
 
-| section       | received by                                   |
-| model         | models/transformer.py GPT                     |
-| data          | data/dataset.py (the splits and the batch plan) |
-| train         | utils/trainer.py Trainer (the loop)           |
-| optim         | utils/optim.py build_optimizer                |
-| schedule      | utils/optim.py build_scheduler                |
-| eval          | utils/validation.py Validator                 |
-| checkpoint    | utils/checkpointer.py Checkpointer            |
-| logging       | utils/metrics.py MetricsLogger                |
-| distributed   | utils/distributed.py                          |
+| section       | received by                                       |
+| model         | models/transformer.py GPT                         |
+| data          | data/dataset.py (the splits and the batch plan)   |
+| train         | utils/train/trainer.py Trainer (the loop)         |
+| optim         | utils/train/optim.py build_optimizer              |
+| schedule      | utils/train/optim.py build_scheduler              |
+| eval          | utils/train/validation.py Validator               |
+| checkpoint    | utils/checkpoint/folder.py Checkpointer           |
+| logging       | utils/metrics/logger.py MetricsLogger             |
+| distributed   | utils/distributed/process_group.py                |
 
 Loading (YAML, overrides, the keys that moved between sections) is models/config_loader.py. No
 torch import here, so loading and validating a config is fast and cheap to test.

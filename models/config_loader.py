@@ -1,6 +1,6 @@
 """Loading a Config: YAML file, then `section.key=value` overrides, converted strictly to each field's
-type, built once (so validation sees the final values); plus the command line both training entry
-points share and `--print-config`.
+type, built once (so validation sees the final values); and back to a dict or YAML for config.yaml
+and checkpoints. The command line is utils/train/cli.py.
 
 Keys that moved when `train` was split into sections still work: MOVED maps each old name to its
 new one, in files and on the command line alike.
@@ -8,20 +8,16 @@ new one, in files and on the command line alike.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from models.config import Config, ConfigError
-from utils.errors import ArgumentParser
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
@@ -162,57 +158,3 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's attribute docstring (the string literal under it in the class body)."""
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: nxt.value.value for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
-
-
-def describe_config() -> str:
-    """Every key with its type, default and doc, straight from the dataclasses (--print-config)."""
-    lines = []
-    defaults = config_to_dict(Config())
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            typ = typing.get_type_hints(cls)[f.name].__name__
-            doc = f"  # {docs[f.name]}" if f.name in docs else ""
-            lines.append(f"  {f.name}: {defaults[section][f.name]!r}  ({typ}){doc}")
-    return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class CliArgs:
-    config: str | None
-    device: str | None
-    resume: str | None
-
-
-class _PrintConfig(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(describe_config())
-        parser.exit()
-
-
-def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs]:
-    """The command line shared by both training entry points."""
-    parser = ArgumentParser(description=description,
-                                     epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--resume", default=None, metavar="PATH|auto",
-                        help="continue from a checkpoint; 'auto' takes the newest valid one in checkpoint.dir")
-    parser.add_argument("--print-config", nargs=0, action=_PrintConfig,
-                        help="list every config key with its type, default and meaning, then exit")
-    args, overrides = parser.parse_known_args(argv)
-    for item in overrides:
-        if item.startswith("-"):
-            parser.error(f"unrecognized argument: {item}")
-    cfg = load_config(args.config, overrides)
-    return cfg, CliArgs(config=args.config, device=args.device, resume=args.resume)

@@ -1,6 +1,6 @@
 """Time the real training step and report throughput, MFU and peak memory.
 
-The model, optimizer and step are built by utils/trainer.py's build_trainer, exactly as training
+The model, optimizer and step are built by utils/train/trainer.py's build_trainer, exactly as training
 builds them, and each timed step is Trainer.train_step: forward, backward, clipping, the
 non-finite guard and the optimizer update, with its one host sync.
 
@@ -36,14 +36,13 @@ import torch
 from models.config import Config, ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
-from utils.distributed import DistInfo, gather_object, process_group, without_ddp
+from utils.distributed.process_group import DistInfo, gather_object, process_group, without_ddp
 from utils.errors import ArgumentParser, run_cli
-from utils.flops import model_flops_utilization, peak_flops
-from utils.metrics import MetricsLogger
-from utils.parallel import parallelize
-from utils.precision import resolve_run_precision
+from utils.metrics.flops import model_flops_utilization, peak_flops
+from utils.metrics.logger import MetricsLogger
+from utils.distributed.parallel import parallelize
 from utils.progress import progress
-from utils.run import build_trainer, load_data
+from utils.train.run import build_trainer, load_data, resolve_run_precision
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from utils.errors import UserError, run_cli
-from utils.sharded_checkpoint import convert
+from utils.checkpoint.sharded import convert
 
 
 def main(argv: list[str] | None = None) -> int:

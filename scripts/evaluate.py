@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=2 -m scripts.evaluate --checkpoint checkpoints/best_model.pt
 
 Every byte after the first is predicted exactly once, from the context_length bytes of its window
-(utils/validation.py evaluate, the same function training validates with), so the numbers do not
+(utils/train/validation.py evaluate, the same function training validates with), so the numbers do not
 depend on --batch-size or on the number of processes.
 """
 
@@ -22,10 +22,10 @@ import numpy as np
 
 from data.dataset import load_split
 from models.config import DistributedConfig
-from utils.checkpoint import CONFIG, build_model, load_checkpoint
-from utils.distributed import process_group
+from utils.checkpoint.format import CONFIG, build_model, load_checkpoint
+from utils.distributed.process_group import process_group
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.validation import evaluate
+from utils.train.validation import evaluate
 from utils.device import DEVICE_CHOICES
 from utils.precision import DTYPES, autocast_context, sampling_precision
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             state = load_checkpoint(args.checkpoint)
             data, source = read_data(args, state[CONFIG]["data"]["dir"])
             model = build_model(state, args.checkpoint, info.device)
-            precision = sampling_precision(args.precision, state, info.device)
+            precision = sampling_precision(args.precision, state[CONFIG]["train"].get("precision"), info.device)
             del state  # frees the optimizer state before evaluation allocates activations
             metrics = evaluate(model, data, model.cfg.context_length, args.batch_size, info,
                                autocast_context(info.device, precision))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import utils.checkpointer as checkpointer  # noqa: E402
+import utils.checkpoint.folder as checkpointer  # noqa: E402
 import train_single  # noqa: E402
 
 target = f"step_{int(os.environ['KILL_AT_STEP']):07d}.pt"

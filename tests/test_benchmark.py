@@ -10,12 +10,12 @@ from models.config import ModelConfig
 from models.config_loader import load_config
 from models.transformer import GPT
 from scripts.benchmark import print_result
-from utils.distributed import DistInfo
-from utils.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
-from utils.metrics import MetricsLogger
-from utils.optim import build_optimizer
-from utils.run import build_trainer, load_data
-from utils.trainer import Trainer
+from utils.distributed.process_group import DistInfo
+from utils.metrics.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
+from utils.metrics.logger import MetricsLogger
+from utils.train.optim import build_optimizer
+from utils.train.run import build_trainer, load_data
+from utils.train.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 FIELDS = {"device", "torch", "threads", "precision", "compile", "fused_adamw", "activation_checkpointing", "params",

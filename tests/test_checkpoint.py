@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
-from utils import checkpoint as ckpt
+from utils.checkpoint import format as ckpt
 
 
 def tb_losses(log_dir) -> dict[int, float]:

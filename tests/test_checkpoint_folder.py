@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import checkpoint as ckpt
-from utils.checkpoint import CheckpointError
-from utils.checkpointer import BEST, CONFIG_FILE, LAST, STEP_FILE, Checkpointer
-from utils.distributed import DistInfo
+from utils.checkpoint import format as ckpt
+from utils.checkpoint.format import CheckpointError
+from utils.checkpoint.folder import BEST, CONFIG_FILE, LAST, STEP_FILE, Checkpointer
+from utils.distributed.process_group import DistInfo
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import ROOT, run_script
 from models.config import ConfigError
-from models.config_loader import config_from_dict, config_to_dict, load_config, parse_cli
+from models.config_loader import config_from_dict, config_to_dict, load_config
+from utils.train.cli import parse_cli
 
 
 def test_yaml_and_overrides_resolve_with_types(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from conftest import (TINY_TEXT, child_env, finish, load_weights, make_dataset, read_until, run_script, run_torchrun,
                       start, tb_runs, tiny_overrides, torchrun_cmd)
 from data.dataset import BatchPlan, load_split
-from utils.rendezvous import env_ranks, slurm_master_addr
+from utils.distributed.rendezvous import env_ranks, slurm_master_addr
 
 HELPER = "tests/helpers/instrumented_ddp.py"
 STEPS = 20

@@ -18,7 +18,7 @@ from models.config import Config, ModelConfig  # noqa: E402
 from models.config_loader import config_to_dict, load_config  # noqa: E402
 from models.transformer import GPT  # noqa: E402
 from scripts import export_hf  # noqa: E402
-from utils.checkpoint import CONFIG, FORMAT, FORMAT_VERSION, MODEL, save_checkpoint  # noqa: E402
+from utils.checkpoint.format import CONFIG, FORMAT, FORMAT_VERSION, MODEL, save_checkpoint  # noqa: E402
 
 SWIGLU = {"pos_emb": "rope", "norm": "rmsnorm", "activation": "swiglu"}
 MAPPABLE = {

@@ -10,9 +10,9 @@ import torch
 
 from conftest import TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, \
     tiny_overrides
-from utils import sharded_checkpoint as sharded
-from utils.checkpointer import Checkpointer
-from utils.distributed import DistInfo
+from utils.checkpoint import sharded
+from utils.checkpoint.folder import Checkpointer
+from utils.distributed.process_group import DistInfo
 
 PROBE = "tests/helpers/fsdp_probe.py"
 STEPS = 6  # saves at 3 and 6; every run trains on a global batch of 4 windows of 32 bytes
@@ -138,7 +138,7 @@ def test_reshard_continues_the_loss_curve(runs, name, reference):
 @pytest.mark.slow
 def test_converted_checkpoint_gives_the_sharded_models_logits(runs, tmp_path):
     """convert_checkpoint.py's file loads in inference: the logits of the 2-rank sharded model, and samples."""
-    from utils.checkpoint import load_model
+    from utils.checkpoint.format import load_model
     from tests.helpers.fsdp_probe import PROBE_INPUT
 
     out = tmp_path / "model.pt"

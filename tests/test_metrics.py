@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from conftest import ROOT, child_env, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
 from models.config import ModelConfig
 from models.transformer import GPT
-from utils.distributed import DistInfo
-from utils.validation import evaluate
+from utils.distributed.process_group import DistInfo
+from utils.train.validation import evaluate
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 

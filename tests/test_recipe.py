@@ -7,7 +7,7 @@ import pytest
 import inference
 from conftest import run_script, tiny_overrides
 from scripts import export_hf
-from utils.checkpoint import CONFIG, load_checkpoint
+from utils.checkpoint.format import CONFIG, load_checkpoint
 
 ARCHITECTURES = {
     "gpt2-like": {},

@@ -8,11 +8,11 @@ import torch
 
 from conftest import tiny_overrides
 from models.config_loader import load_config
-from utils.distributed import DistInfo
-from utils.metrics import MetricsLogger
-from utils.optim import build_optimizer, lr_at, newton_schulz
-from utils.run import build_trainer, load_data
-from utils.trainer import Trainer, TrainingDiverged
+from utils.distributed.process_group import DistInfo
+from utils.metrics.logger import MetricsLogger
+from utils.train.optim import build_optimizer, lr_at, newton_schulz
+from utils.train.run import build_trainer, load_data
+from utils.train.trainer import Trainer, TrainingDiverged
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, tiny_overrides
-from utils import checkpoint as ckpt
-from utils.checkpointer import Checkpointer
+from utils.checkpoint import format as ckpt
+from utils.checkpoint.folder import Checkpointer
 from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
-from utils.stopping import StopFlag
+from utils.train.stopping import StopFlag
 
 LONG = dict(train__max_steps=300, eval__every=0, checkpoint__every=0, eval__sample_tokens=0)
 

@@ -8,8 +8,8 @@ import codecs
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
-from models.transformer import GPT
 
 
 class TextStream:
@@ -43,7 +43,7 @@ class TextStream:
         return out
 
 
-def generate_text(model: GPT, prompt: bytes, max_new_tokens: int, temperature: float = 1.0,
+def generate_text(model: nn.Module, prompt: bytes, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
                   seed: int | None = None, stops: list[str] | None = None,
                   write: Callable[[str], None] | None = None) -> tuple[list[str], int]:

@@ -10,22 +10,26 @@ config.yaml and checkpoints record, so resuming and sampling use what training u
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from models.config import Config, ModelConfig
-from utils.checkpoint import CONFIG
-from utils.distributed import DistInfo, broadcast_object
 from utils.host_cache import cached, host_key
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MARGIN = 0.9  # bf16 must take under 90% of fp32's time: "measurably faster", not noise
+
+
+class ModelShapes(Protocol):
+    """What the CPU measurement needs of a model (models.config.ModelConfig has it)."""
+    dim: int
+    ffn_dim: int
+    context_length: int
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def _time_linears(shapes: list[tuple[int, int, int]], dtype: torch.dtype, g: tor
     return time.perf_counter() - t0
 
 
-def measure_cpu_bf16(model: ModelConfig, batch_size: int, rounds: int = 5) -> dict:
+def measure_cpu_bf16(model: ModelShapes, batch_size: int, rounds: int = 5) -> dict:
     """bf16 vs fp32 time of the model's linear layers at its batch: rounds alternate, medians compared."""
     tokens = batch_size * model.context_length
     shapes = [(tokens, model.dim, 3 * model.dim), (tokens, model.dim, model.dim), (tokens, model.dim, model.ffn_dim),
@@ -83,7 +87,7 @@ def measure_cpu_bf16(model: ModelConfig, batch_size: int, rounds: int = 5) -> di
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def resolve_precision(setting: str, device: torch.device, model: ModelConfig, batch_size: int,
+def resolve_precision(setting: str, device: torch.device, model: ModelShapes, batch_size: int,
                       trained_with: str | None = None) -> Precision:
     """The precision `setting` means here; auto keeps a resumed run's own (trained_with)."""
     if setting != "auto":
@@ -103,23 +107,9 @@ def resolve_precision(setting: str, device: torch.device, model: ModelConfig, ba
                                          f"{entry['loadavg_1m']}, {where})")
 
 
-def resolve_run_precision(cfg: Config, info: DistInfo, resume_state: dict | None) -> tuple[Config, Precision]:
-    """The config with train.precision resolved (as config.yaml and checkpoints record it), and why.
-
-    Rank 0 decides and every rank follows, so a measurement cannot split the ranks.
-    """
-    trained_with = resume_state[CONFIG]["train"].get("precision") if resume_state else None
-    precision = None
-    if info.is_main:
-        precision = resolve_precision(cfg.train.precision, info.device, cfg.model, cfg.train.batch_size, trained_with)
-    precision = broadcast_object(precision, info)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name)), precision
-
-
-def sampling_precision(setting: str, state: dict, device: torch.device) -> str:
+def sampling_precision(setting: str, trained: str | None, device: torch.device) -> str:
     """Inference and evaluation: auto is the precision the checkpoint trained in, so sampled logits
     match training's; fp16 becomes fp32 on a CPU, whose fp16 kernels are slow."""
     if setting != "auto":
         return setting
-    trained = state[CONFIG]["train"].get("precision", "fp32")
     return "fp32" if trained not in DTYPES or (trained == "fp16" and device.type == "cpu") else trained

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import train_ddp  # noqa: E402
-from utils import sharded_checkpoint  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.checkpoint import sharded as sharded_checkpoint  # noqa: E402
+from utils.train.trainer import Trainer  # noqa: E402
 
 PROBE_INPUT = torch.arange(32)[None] * 7 % 256  # (1, 32) bytes
 

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train_ddp  # noqa: E402
-from utils import run  # noqa: E402
+from utils.train import run  # noqa: E402
 from data.dataset import BatchPlan  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.train.trainer import Trainer  # noqa: E402
 
 
 def record_batches(out: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-from utils.distributed import DistInfo, any_rank
+from utils.distributed.process_group import DistInfo, any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from utils.checkpoint import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
+from utils.checkpoint.format import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"

@@ -6,8 +6,8 @@ Layout of the folder (checkpoint.dir):
     last_checkpoint.pt  a hard link to the newest step file
     best_model.pt       the lowest validation loss so far
     config.yaml         the resolved config of the run
-(FSDP: step_NNNNNNN/ and best_model/ folders instead, utils/sharded_checkpoint.py.) Every file is
-written atomically (utils/checkpoint.py). Pruning removes only step files older than the one just
+(FSDP: step_NNNNNNN/ and best_model/ folders instead, utils/checkpoint/sharded.py.) Every file is
+written atomically (utils/checkpoint/format.py). Pruning removes only step files older than the one just
 written and verified, so a stray or corrupt file can never cost the newest loadable checkpoint.
 Nothing is written before the run is accepted (`accept`).
 """
@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import (MODEL, OPTIMIZER, TRAINER, CheckpointError, atomic_write, load_checkpoint,
+from utils.checkpoint.format import (MODEL, OPTIMIZER, TRAINER, CheckpointError, atomic_write, load_checkpoint,
                               load_model_weights, save_checkpoint)
-from utils.distributed import DistInfo, broadcast_object
+from utils.distributed.process_group import DistInfo, broadcast_object
 
 STEP_FILE = re.compile(r"step_(\d{7,})\.pt")
 STEP_DIR = re.compile(r"step_(\d{7,})")
@@ -41,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep_last: int, info: DistInfo, sharded: bool = False) -> None:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
-        self.sharded = sharded  # FSDP: one DCP folder per save (utils/sharded_checkpoint.py), written by every rank
+        self.sharded = sharded  # FSDP: one DCP folder per save (utils/checkpoint/sharded.py), written by every rank
 
     def step_path(self, step: int) -> Path:
         """Where step N is saved: step_NNNNNNN.pt, or the folder step_NNNNNNN/ when sharded."""
@@ -119,7 +119,7 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """A checkpoint's state; for a sharded folder, everything but the tensors (restore() loads those)."""
         if path.is_dir():
-            from utils import sharded_checkpoint  # imported only where sharded: DCP costs ~1.5 s
+            from utils.checkpoint import sharded as sharded_checkpoint  # imported only where sharded: DCP costs ~1.5 s
 
             if not sharded_checkpoint.is_complete(path):
                 raise CheckpointError(f"{path} is not a complete sharded checkpoint (no .metadata or extra.pt)")
@@ -129,7 +129,7 @@ class Checkpointer:
     def restore(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Collective for a sharded folder: weights and optimizer state into a (possibly sharded) model."""
         if path.is_dir():
-            from utils import sharded_checkpoint
+            from utils.checkpoint import sharded as sharded_checkpoint
 
             sharded_checkpoint.load_sharded(path, model, optimizer)
             return
@@ -145,7 +145,7 @@ class Checkpointer:
             for tmp in self.dir.glob(".*.tmp"):  # left by a process killed mid-save; never complete
                 tmp.unlink(missing_ok=True)
             if self.sharded:  # only sharded saves leave folders (and importing DCP costs ~1.5 s)
-                from utils import sharded_checkpoint
+                from utils.checkpoint import sharded as sharded_checkpoint
 
                 sharded_checkpoint.remove_stale_temporaries(self.dir)
             atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
@@ -182,7 +182,7 @@ class Checkpointer:
 
     def _save_sharded(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
                       step: int | None) -> Path:
-        from utils import sharded_checkpoint
+        from utils.checkpoint import sharded as sharded_checkpoint
 
         sharded_checkpoint.save_sharded(folder, model, optimizer, extra)  # published whole, or not at all
         if step is not None:

@@ -7,6 +7,7 @@ the model fits in memory, and only then is anything written (config.yaml, the lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -25,20 +26,20 @@ from data.shards import verify_dataset
 from models.config import Config, ConfigError
 from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
-from utils import checkpoint as ckpt
-from utils.checkpoint import CheckpointError
-from utils.checkpointer import Checkpointer
+from utils.checkpoint import format as ckpt
+from utils.checkpoint.format import CheckpointError
+from utils.checkpoint.folder import Checkpointer
 from utils.device import device_name
-from utils.distributed import DistInfo, broadcast_object, gather_object
+from utils.distributed.process_group import DistInfo, broadcast_object, gather_object
 from utils.errors import UserError
-from utils.flops import flops_per_token, peak_flops
-from utils.metrics import MetricsLogger, ThroughputMeter
-from utils.optim import build_optimizer, build_scheduler
-from utils.precision import Precision, autocast_context, grad_scaler, resolve_run_precision
-from utils.sinks import require_wandb
-from utils.stopping import StopFlag
-from utils.trainer import Trainer
-from utils.validation import Validator
+from utils.metrics.flops import flops_per_token, peak_flops
+from utils.metrics.logger import MetricsLogger, ThroughputMeter
+from utils.train.optim import build_optimizer, build_scheduler
+from utils.precision import Precision, autocast_context, grad_scaler, resolve_precision
+from utils.metrics.sinks import require_wandb
+from utils.train.stopping import StopFlag
+from utils.train.trainer import Trainer
+from utils.train.validation import Validator
 
 Wrap = Callable[[nn.Module], nn.Module]
 
@@ -163,6 +164,19 @@ def maybe_compile(model: nn.Module, cfg: Config, device: torch.device, log: Metr
         compiled = model
     model.zero_grad(set_to_none=True)
     return compiled
+
+
+def resolve_run_precision(cfg: Config, info: DistInfo, resume_state: dict | None) -> tuple[Config, Precision]:
+    """The config with train.precision resolved (as config.yaml and checkpoints record it), and why.
+
+    Rank 0 decides and every rank follows, so a measurement cannot split the ranks.
+    """
+    trained_with = resume_state[ckpt.CONFIG]["train"].get("precision") if resume_state else None
+    precision = None
+    if info.is_main:
+        precision = resolve_precision(cfg.train.precision, info.device, cfg.model, cfg.train.batch_size, trained_with)
+    precision = broadcast_object(precision, info)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name)), precision
 
 
 def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:

@@ -1,6 +1,6 @@
 """Measuring a run: the throughput meter (time inside optimizer steps, tokens/s, MFU, ETA) and the
 logger that writes console lines, logs/train_<run>.log, logs/train_<run>.metrics.jsonl, TensorBoard
-events and optionally Weights & Biases (rank 0 only; the sinks are in utils/sinks.py).
+events and optionally Weights & Biases (rank 0 only; the sinks are in utils/metrics/sinks.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from models.config import LoggingConfig
-from utils.flops import model_flops_utilization
-from utils.sinks import JsonlSink, WandbSink, require_wandb
+from utils.metrics.flops import model_flops_utilization
+from utils.metrics.sinks import JsonlSink, WandbSink, require_wandb
 
 
 def format_seconds(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """The checkpoint file format: atomic saves, validated loads, the model a checkpoint describes, RNG
 capture. A file is only ever replaced by os.replace of a complete, fsynced temporary, so a crash, a
 kill or a full disk during a save leaves every earlier file as it was. The folder a run keeps its
-checkpoints in is owned by utils/checkpointer.py.
+checkpoints in is owned by utils/checkpoint/folder.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The only training loop, shared by train_single.py and train_ddp.py (wired by utils/run.py).
+"""The only training loop, shared by train_single.py and train_ddp.py (wired by utils/train/run.py).
 
 `Trainer` receives everything already built and runs optimizer steps: log, validate and save when
 due, stop when asked (a signal, or train.stop_at_step). Vocabulary: `step` is an optimizer step;
@@ -17,14 +17,14 @@ import torch.nn as nn
 
 from data.dataset import BatchPlan
 from models.config import TrainConfig
-from utils import checkpoint as ckpt
-from utils.checkpointer import Checkpointer
-from utils.distributed import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
+from utils.checkpoint import format as ckpt
+from utils.checkpoint.folder import Checkpointer
+from utils.distributed.process_group import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
 from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from utils.metrics import MetricsLogger, ThroughputMeter, format_seconds
-from utils.parallel import clip_grad_norm
-from utils.stopping import StopFlag
-from utils.validation import Validator
+from utils.metrics.logger import MetricsLogger, ThroughputMeter, format_seconds
+from utils.distributed.parallel import clip_grad_norm
+from utils.train.stopping import StopFlag
+from utils.train.validation import Validator
 
 
 class TrainingDiverged(UserError):

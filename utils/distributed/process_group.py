@@ -17,8 +17,8 @@ import torch.nn as nn
 from models.config import DistributedConfig
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.rendezvous import env_ranks, group_store
-from utils.watchdog import Watchdog
+from utils.distributed.rendezvous import env_ranks, group_store
+from utils.distributed.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class DistInfo:
 def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iterator[DistInfo]:
     """The process group for the with-block if launched by torchrun or srun, otherwise a world of one.
 
-    The group gets a store of its own (utils/rendezvous.py: a restarted group must not read the keys of
-    the one before) and a watchdog (utils/watchdog.py: a rank that ends early ends the others at once).
+    The group gets a store of its own (utils/distributed/rendezvous.py: a restarted group must not read the keys of
+    the one before) and a watchdog (utils/distributed/watchdog.py: a rank that ends early ends the others at once).
     The group is freed, its threads joined, when the with-block ends (_free_group), so the objects built on
     it must not outlive the block.
     """
@@ -161,7 +161,7 @@ def maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager:
         return nullcontext()
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule (utils/parallel.py)
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule (utils/distributed/parallel.py)
         return _fsdp_no_sync(model)
     return nullcontext()
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from models.config import DistributedConfig, TrainConfig
-from utils.distributed import DistInfo, group_mesh, unwrap
+from utils.distributed.process_group import DistInfo, group_mesh, unwrap
 
 
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:

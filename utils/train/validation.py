@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from data.dataset import DataError
 from models.config import EvalConfig
-from utils.distributed import DistInfo, all_reduce_sum, unwrap, without_ddp
+from utils.distributed.process_group import DistInfo, all_reduce_sum, unwrap, without_ddp
 from utils.progress import progress
 
 

@@ -1,0 +1,1 @@
+"""Checkpoints: the file format, the run's checkpoint folder, sharded (DCP) folders."""

@@ -1,0 +1,1 @@
+"""The process group and what runs on it: rendezvous, the watchdog, DDP/FSDP wrapping."""

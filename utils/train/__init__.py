@@ -1,0 +1,1 @@
+"""The training run: its command line, the wiring, the loop, optimizers, validation, stopping."""

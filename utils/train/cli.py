@@ -1,0 +1,68 @@
+"""The command line both training entry points share: `--config`, `--device`, `--resume`,
+`section.key=value` overrides and `--print-config`."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+from models.config import Config
+from models.config_loader import SECTIONS, config_to_dict, load_config
+from utils.errors import ArgumentParser
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal under it in the class body)."""
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: nxt.value.value for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
+def describe_config() -> str:
+    """Every key with its type, default and doc, straight from the dataclasses (--print-config)."""
+    lines = []
+    defaults = config_to_dict(Config())
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            typ = typing.get_type_hints(cls)[f.name].__name__
+            doc = f"  # {docs[f.name]}" if f.name in docs else ""
+            lines.append(f"  {f.name}: {defaults[section][f.name]!r}  ({typ}){doc}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CliArgs:
+    config: str | None
+    device: str | None
+    resume: str | None
+
+
+class _PrintConfig(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(describe_config())
+        parser.exit()
+
+
+def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs]:
+    """The command line shared by both training entry points."""
+    parser = ArgumentParser(description=description,
+                                     epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a checkpoint; 'auto' takes the newest valid one in checkpoint.dir")
+    parser.add_argument("--print-config", nargs=0, action=_PrintConfig,
+                        help="list every config key with its type, default and meaning, then exit")
+    args, overrides = parser.parse_known_args(argv)
+    for item in overrides:
+        if item.startswith("-"):
+            parser.error(f"unrecognized argument: {item}")
+    cfg = load_config(args.config, overrides)
+    return cfg, CliArgs(config=args.config, device=args.device, resume=args.resume)
