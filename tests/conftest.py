@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.prepare_dataset import prepare  # noqa: E402
+from data.prepare_dataset import prepare
 
 # Every line differs a little, so a tiny model has something to learn but can still overfit it.
 TINY_TEXT = "".join(f"{i % 7} the quick brown fox {'jumps' if i % 3 else 'leaps'} over the lazy dog {i % 5}.\n"

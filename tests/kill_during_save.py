@@ -6,10 +6,9 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import utils.checkpoint.folder as checkpointer  # noqa: E402
-import train_single  # noqa: E402
+import utils.checkpoint.folder as checkpointer
+import train_single
 
 target = f"step_{int(os.environ['KILL_AT_STEP']):07d}.pt"
 real_save = checkpointer.save_checkpoint

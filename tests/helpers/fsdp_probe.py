@@ -13,13 +13,12 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-import train_ddp  # noqa: E402
-from utils.checkpoint import sharded as sharded_checkpoint  # noqa: E402
-from utils.train.trainer import Trainer  # noqa: E402
+import train_ddp
+from utils.checkpoint import sharded as sharded_checkpoint
+from utils.train.trainer import Trainer
 
 PROBE_INPUT = torch.arange(32)[None] * 7 % 256  # (1, 32) bytes
 

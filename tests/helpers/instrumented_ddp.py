@@ -17,12 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import train_ddp  # noqa: E402
-from utils.train import run  # noqa: E402
-from data.dataset import BatchPlan  # noqa: E402
-from utils.train.trainer import Trainer  # noqa: E402
+import train_ddp
+from utils.train import run
+from data.dataset import BatchPlan
+from utils.train.trainer import Trainer
 
 
 def record_batches(out: Path) -> None:
