@@ -80,6 +80,7 @@ def checkpointer_for(cfg: Config, info: DistInfo) -> Checkpointer:
 def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo) -> tuple[str, dict] | None:
     """Rank 0 decides fresh/resume/refuse, so every rank loads the same file (or fails alike)."""
     decision: str | UserError | None = None
+    found = None
     if info.is_main:
         try:
             found = checkpointer.find_resume(resume, warn=print)
@@ -89,7 +90,9 @@ def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo
     decision = broadcast_object(decision, info)
     if isinstance(decision, UserError):
         raise decision
-    return (decision, checkpointer.load(Path(decision))) if decision else None
+    if not decision:
+        return None
+    return decision, found[1] if found else checkpointer.load(Path(decision))  # rank 0 loaded it already
 
 
 def check_fits(cfg: Config, path: str, state: dict) -> None:
@@ -189,7 +192,8 @@ def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
 
 
 def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, logger: MetricsLogger,
-                  wrap: Wrap | None = None, stop: StopFlag | None = None) -> Trainer:
+                  wrap: Wrap | None = None, stop: StopFlag | None = None,
+                  checkpointer: Checkpointer | None = None) -> Trainer:
     """The model, seeded, compiled and wrapped as configured, in its Trainer: what run_training
     trains and scripts/benchmark.py times."""
     t = cfg.train
@@ -213,9 +217,8 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
                    scaler=grad_scaler(info.device, t.precision), autocast=autocast, plan=plan,
                    validator=Validator(model_for_training, val_data, cfg.model.context_length, t.batch_size,
                                        cfg.eval, info, autocast, sharded=cfg.distributed.strategy == "fsdp"),
-                   checkpointer=checkpointer_for(cfg, info),
-                   logger=logger, meter=meter, stop=stop or StopFlag(), info=info, cfg=t,
-                   eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, run_config=config_to_dict(cfg))
+                   checkpointer=checkpointer or checkpointer_for(cfg, info),
+                   logger=logger, meter=meter, stop=stop or StopFlag(), info=info, config=cfg)
 
 
 def summary(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, n_params: int,
@@ -266,7 +269,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
         with StopFlag() as stop:
-            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop)
+            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop, checkpointer)
             for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):
                 logger.info(line)
             if resumed:

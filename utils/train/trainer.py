@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from data.dataset import BatchPlan
-from models.config import TrainConfig
+from models.config import Config
+from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
 from utils.distributed.process_group import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
@@ -40,13 +41,14 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                  autocast: AbstractContextManager, plan: BatchPlan, validator: Validator,
                  checkpointer: Checkpointer, logger: MetricsLogger, meter: ThroughputMeter, stop: StopFlag,
-                 info: DistInfo, cfg: TrainConfig, eval_every: int, save_every: int, run_config: dict) -> None:
+                 info: DistInfo, config: Config) -> None:
         self.model, self.raw = model, unwrap(model)
         self.optimizer, self.scheduler, self.scaler, self.autocast = optimizer, scheduler, scaler, autocast
         self.plan, self.validator, self.checkpointer, self.stop = plan, validator, checkpointer, stop
         self.log, self.meter = logger, meter
-        self.info, self.cfg, self.eval_every, self.save_every = info, cfg, eval_every, save_every
-        self.run_config = run_config  # stored in every checkpoint, so inference needs nothing else
+        self.info, self.cfg = info, config.train
+        self.eval_every, self.save_every = config.eval.every, config.checkpoint.every
+        self.run_config = config_to_dict(config)  # stored in every checkpoint, so inference needs nothing else
         self.step = 0
         self.best_val_loss = math.inf
         self.nonfinite_streak = 0
