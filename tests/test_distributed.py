@@ -158,6 +158,9 @@ def test_gloo_workers_are_joined_before_the_interpreter_exits(tiny_data, tmp_pat
                                                                        distributed__strategy=strategy),
                         env=child_env(RECORD_THREADS=str(out), RANK1_OVERRIDES=rank1_overrides))
     assert proc.returncode == exit_code and "SIGABRT" not in proc.stderr, proc.stderr
+    if exit_code:  # torchrun's failure report ends with the refusal's own line, not "To enable traceback"
+        root_cause = proc.stderr.split("Root Cause")[1]
+        assert "traceback : error: the ranks disagree on optim.lr" in root_cause, proc.stderr
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     if not all(r["started"] for r in records):
         pytest.skip(f"torch {torch.__version__} does not name gloo's worker threads, so they cannot be counted")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
+import time
 from typing import Callable
 
 EXIT_OK = 0
@@ -45,12 +47,25 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: {e.strerror or e} (errno {code})"
 
 
+def say(line: str) -> None:
+    """Print the one error line; under torchrun also hand it to the launcher (its error file), so the
+    failure report torchrun prints last names this line instead of "To enable traceback see ..."."""
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the report then says less; the line above was printed all the same
+
+
 def run_cli(body: Callable[[], int]) -> int:
     """Run an entry point's body and turn user errors into one line and an exit code."""
     try:
         return body()
     except UserError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        say(f"error: {one_line(str(e))}")
         return EXIT_USER
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly; point stdout at /dev/null so the
@@ -58,10 +73,8 @@ def run_cli(body: Callable[[], int]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as e:
-        print(f"error: {one_line(describe_os_error(e))}; check that the folder exists, is writable and has free space",
-              file=sys.stderr)
+        say(f"error: {one_line(describe_os_error(e))}; check that the folder exists, is writable and has free space")
         return EXIT_USER
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was saved by this interruption (earlier checkpoints are intact)",
-              file=sys.stderr)
+        say("error: interrupted; nothing was saved by this interruption (earlier checkpoints are intact)")
         return EXIT_INTERRUPTED
