@@ -54,11 +54,13 @@ class ModelConfig:
     dim: int = 256
     """residual stream width"""
     n_layers: int = 6
+    """transformer blocks"""
     n_heads: int = 8
     """attention heads; must divide dim"""
     ffn_dim: int = 1024
     """hidden width of the MLP (for swiglu, the width of each of its two branches)"""
     dropout: float = 0.0
+    """dropout on attention weights and residual branches during training; 0 = off"""
     pos_emb: str = "learned"
     """learned (GPT-2) or rope (rotary, Su et al. 2021)"""
     norm: str = "layernorm"
@@ -74,6 +76,7 @@ class ModelConfig:
     zero_init_proj: bool = False
     """start residual output projections at zero instead of GPT-2's scaled init"""
     rope_base: float = 10000.0
+    """rope only: the base of the rotary frequencies"""
 
     def __post_init__(self) -> None:
         _positive("model", self, "vocab_size", "context_length", "dim", "n_layers", "n_heads", "ffn_dim")
@@ -143,11 +146,15 @@ class OptimConfig:
     weight_decay: float = 0.1
     """applied to matrices only, never to biases and norm gains"""
     beta1: float = 0.9
+    """AdamW first-moment decay"""
     beta2: float = 0.95
+    """AdamW second-moment decay"""
     fused: bool = True
     """use the fused AdamW kernel (CUDA, and CPU on torch 2.4+)"""
     muon_lr: float = 0.02
+    """muon only: the rate of the Muon part (hidden matrices)"""
     muon_momentum: float = 0.95
+    """muon only: Nesterov momentum of the Muon part"""
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "muon"))
@@ -162,6 +169,7 @@ class ScheduleConfig:
     name: str = "cosine"
     """cosine (warmup then cosine to min_lr) or wsd (warmup, constant, linear cooldown to min_lr)"""
     warmup_steps: int = 200
+    """optimizer steps of linear warmup from 0 to optim.lr"""
     min_lr: float = 3.0e-5
     """the rate at the end of the schedule; at most optim.lr"""
     cooldown_frac: float = 0.2
@@ -182,6 +190,7 @@ class EvalConfig:
     sample_prompt: str = "\n"
     """fixed prompt for the text sample written to TensorBoard at each evaluation"""
     sample_tokens: int = 200
+    """bytes sampled from sample_prompt at each evaluation; 0 = no sample"""
 
     def __post_init__(self) -> None:
         _non_negative("eval", self, "every", "sample_tokens")
@@ -214,8 +223,11 @@ class DistributedConfig:
     timeout_s: int = 600
     """process-group init and collective timeout"""
     bucket_cap_mb: int = 25
+    """ddp: gradient bucket size for the all-reduce (DistributedDataParallel bucket_cap_mb)"""
     gradient_as_bucket_view: bool = True
+    """ddp: gradients are views into the buckets (saves one copy of the gradients)"""
     static_graph: bool = False
+    """ddp: promise the same graph every step (DistributedDataParallel static_graph)"""
     strategy: str = "ddp"
     """ddp (every rank holds all weights, gradients and optimizer state) or fsdp (FSDP2: each rank
     holds 1/world_size of them; sharded checkpoint folders)"""
@@ -233,6 +245,7 @@ class LoggingConfig:
     wandb: bool = False
     """also send the scalars, the config and the text samples to Weights & Biases (pip install wandb)"""
     wandb_project: str = "bytegpt"
+    """the W&B project the run is logged to"""
     wandb_name: str = ""
     """the run's name in W&B; empty = the run name of its log file"""
     wandb_mode: str = ""

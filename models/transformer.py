@@ -83,8 +83,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(self.dim, dim=2)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # in fp32 as autocast runs norms; back to the matmuls' dtype for attention
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.cache is not None:

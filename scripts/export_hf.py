@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
     p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
     p.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
-    p.add_argument("--device", default="cpu", help=f"where the logit check runs: {DEVICE_CHOICES} (default cpu)")
+    p.add_argument("--device", default="auto", help=f"where the logit check runs: {DEVICE_CHOICES} (default auto)")
 
     def body() -> int:
         args = p.parse_args(argv)

@@ -98,7 +98,7 @@ def read_runs(spec: str) -> list[Curve]:
         label, target = "", spec
     paths = [Path(p) for p in sorted(glob.glob(target))] if glob.has_magic(target) else [Path(target)]
     if not paths or not any(p.exists() for p in paths):
-        raise UserError(f"{target} does not exist (pass a run's log folder, paths.log_dir, or a nanoGPT log)")
+        raise UserError(f"{target} does not exist (pass a run's log folder, logging.dir, or a nanoGPT log)")
     curves = []
     for path in paths:
         if path.is_file():
@@ -107,7 +107,7 @@ def read_runs(spec: str) -> list[Curve]:
         runs = sorted({f.parent for f in path.rglob(EVENTS)})
         if not runs:
             raise UserError(f"no TensorBoard event files ({EVENTS}) under {path}; pass a run's log folder "
-                            f"(paths.log_dir) or its tensorboard/RUN folder")
+                            f"(logging.dir) or its tensorboard/RUN folder")
         for run in runs:
             name = run.name if not label else label if len(runs) == 1 else f"{label}/{run.name}"
             curves.append(read_tensorboard(run, name))

@@ -77,3 +77,18 @@ def test_too_long_input_is_rejected():
     """More tokens than context_length is an error, not silent garbage."""
     with pytest.raises(ValueError, match="exceeds context_length"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_bf16_autocast_trains_without_warnings(options):
+    """Every option runs forward and backward under CPU bf16 autocast with no dtype-mismatch warning (QK-norm
+    once fed bf16 queries to fp32 RMSNorm gains: torch warned and fell back to its unfused kernel)."""
+    import warnings
+
+    model = tiny(**{**options, "norm": "rmsnorm", "qk_norm": True}).train()
+    x = torch.randint(0, 256, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()

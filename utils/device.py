@@ -44,8 +44,8 @@ def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", index)
     if device.type == "mps":
         if not mps_available():
-            raise UserError(f"--device mps asked for Apple's GPU, but MPS is not available here; use one of "
-                            f"{DEVICE_CHOICES}")
+            raise UserError("--device mps asked for Apple's GPU, but MPS is not available here (it needs an Apple "
+                            "silicon Mac and a torch built with MPS); use --device cpu, cuda or auto")
         return torch.device("mps")
     if device.type != "cpu":
         raise UserError(f"--device {device_arg} is not supported; use one of {DEVICE_CHOICES}")

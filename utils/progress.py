@@ -17,11 +17,15 @@ INTERVAL_ENV = "BYTEGPT_PROGRESS_INTERVAL"
 
 class LineProgress:
     """tqdm's update/close interface, printing at most every `interval` s:
-    `desc: done of total unit (p%), rate unit/s, t s elapsed, ETA s` (bytes counted in MB)."""
+    `desc: done of total unit (p%), rate unit/s, t s elapsed, ETA s` (bytes in the largest of B, kB, MB,
+    GB that the total fills, so a small split does not read "0 of 0 MB")."""
 
     def __init__(self, total: int, desc: str, unit: str, interval: float) -> None:
         self.total, self.desc, self.interval = total, desc, interval
-        self.scale, self.unit = (1e6, "MB") if unit == "B" else (1, unit)
+        self.scale, self.unit = (1, unit)
+        if unit == "B":
+            self.scale, self.unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                                         if total >= s or s == 1)
         self.n = 0
         self.start = self.last = time.monotonic()
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import typing
@@ -23,17 +22,17 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
 
 
-def describe_config() -> str:
-    """Every key with its type, default and doc, straight from the dataclasses (--print-config)."""
+def describe_config(cfg: Config) -> str:
+    """Every key with its type, its value in cfg and its doc, straight from the dataclasses (--print-config)."""
     lines = []
-    defaults = config_to_dict(Config())
+    values = config_to_dict(cfg)
     for section, cls in SECTIONS.items():
         docs = field_docs(cls)
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             typ = typing.get_type_hints(cls)[f.name].__name__
             doc = f"  # {docs[f.name]}" if f.name in docs else ""
-            lines.append(f"  {f.name}: {defaults[section][f.name]!r}  ({typ}){doc}")
+            lines.append(f"  {f.name}: {values[section][f.name]!r}  ({typ}){doc}")
     return "\n".join(lines)
 
 
@@ -44,25 +43,24 @@ class CliArgs:
     resume: str | None
 
 
-class _PrintConfig(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(describe_config())
-        parser.exit()
-
-
 def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs]:
     """The command line shared by both training entry points."""
     parser = ArgumentParser(description=description,
                                      epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="auto, cpu, cuda, cuda:N or mps (default auto: CUDA, then MPS, then the CPU)")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint; 'auto' takes the newest valid one in checkpoint.dir")
-    parser.add_argument("--print-config", nargs=0, action=_PrintConfig,
-                        help="list every config key with its type, default and meaning, then exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="list every config key with its type, value (the built-in default, or from --config "
+                             "and the overrides) and meaning, then exit")
     args, overrides = parser.parse_known_args(argv)
     for item in overrides:
         if item.startswith("-"):
             parser.error(f"unrecognized argument: {item}")
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(describe_config(cfg))
+        parser.exit()
     return cfg, CliArgs(config=args.config, device=args.device, resume=args.resume)
