@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 import torch
@@ -176,7 +175,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
     runs: dict[tuple[str, bool], list[dict]] = {case: [] for case in COMPARE}
     for round_ in range(args.rounds):
         for precision, compiled in COMPARE:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "scripts.benchmark", "--steps", str(args.steps),
                    "--warmup", str(args.warmup), *(["--config", args.config] if args.config else []),
                    *(["--device", args.device] if args.device else []),
                    *overrides, f"train.precision={precision}", f"train.compile={str(compiled).lower()}"]

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt
 python -m data.prepare_dataset
 python train_single.py --config configs/cpu_quickstart.yaml --resume auto "$@"
-python inference.py --checkpoint checkpoints/best_model.pt --prompt "The " --max-new-tokens 300 --seed 0
+python inference.py --checkpoint checkpoints/quickstart/best_model.pt --prompt "The " --max-new-tokens 300 --seed 0
