@@ -20,7 +20,8 @@ from models.config import Config
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
-from utils.distributed.process_group import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
+from utils.distributed.process_group import (DistInfo, all_reduce_mean, all_reduce_sum, gather_object, maybe_no_sync,
+                                             unwrap)
 from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from utils.metrics.logger import MetricsLogger, ThroughputMeter, format_seconds
 from utils.distributed.parallel import clip_grad_norm
@@ -110,14 +111,19 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = clip_grad_norm(self.raw, clip)
-        loss_value, norm_value = torch.stack([loss_sum / accum, norm.float()]).tolist()
-        finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or self.scaler.is_enabled())
-        applied = False
+        local = torch.stack([loss_sum / accum, norm.float()])
+        # decided over all ranks, so a rank whose loss alone is non-finite cannot step apart from the others
+        bad = all_reduce_sum((~torch.isfinite(local)).float(), self.info)
+        loss_value, norm_value, bad_loss, bad_norm = torch.cat([local, bad]).tolist()
+        # with a GradScaler an inf gradient norm is the scaler lowering its scale, not divergence
+        finite = not bad_loss and (not bad_norm or self.scaler.is_enabled())
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         if finite:
-            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)  # fp16: the scaler itself skips steps with inf gradients
-            self.scaler.update()
-            applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        # every step, applied or not: the scaler forgets this step's unscale_ only in update(), and the
+        # gradients it read are all-reduced, so every rank moves its scale alike
+        self.scaler.update()
+        applied = finite and (scale_before is None or self.scaler.get_scale() >= scale_before)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
