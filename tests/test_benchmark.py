@@ -82,14 +82,37 @@ def test_unknown_gpu_reports_no_mfu(name, capsys):
 
 
 def test_compiled_step_matches_eager(tiny_data, tmp_path):
-    """torch.compile gives the eager losses and weights on CPU (fp32, two steps)."""
+    """torch.compile gives the eager losses and weights on CPU (fp32, two steps), from the one graph
+    compiled at build time (the real steps compile nothing more)."""
+    from torch._dynamo.utils import counters
+
     eager = built(tiny_data, tmp_path / "e", model__n_layers=1)
+    counters.clear()
     compiled = built(tiny_data, tmp_path / "c", model__n_layers=1, train__compile="true")
     assert hasattr(compiled.model, "_orig_mod"), "compilation fell back to eager; nothing was compared"
     for _ in range(2):
         assert compiled.train_step()[0] == pytest.approx(eager.train_step()[0], rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     for (name, a), b in zip(eager.raw.named_parameters(), compiled.raw.parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_a_failing_compile_trains_eagerly(tiny_data, tmp_path, monkeypatch):
+    """A compiler that fails on the first batch leaves one warning line and an eager model that trains."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ toolchain")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=broken))
+    torch._dynamo.reset()
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, model__n_layers=1, train__compile="true"))
+    plan, val_data = load_data(cfg, CPU)
+    logger = MetricsLogger(tmp_path / "logs", is_main=True)
+    trainer = build_trainer(cfg, CPU, plan, val_data, logger)
+    logger.close()
+    assert not hasattr(trainer.model, "_orig_mod")
+    assert "warning: torch.compile failed (BackendCompilerFailed" in logger.path.read_text()
+    assert all(trainer.train_step()[2] for _ in range(2))
 
 
 def test_fused_adamw_matches_foreach_on_cpu():

@@ -14,6 +14,7 @@ import platform
 import random
 import subprocess
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
@@ -151,16 +152,20 @@ def git_revision() -> str:
         return "unknown"
 
 
-def maybe_compile(model: nn.Module, cfg: Config, device: torch.device, log: MetricsLogger) -> nn.Module:
-    """torch.compile, tried on one batch-shaped input; eager with a warning if compilation fails."""
-    if not cfg.train.compile:
+def maybe_compile(model: nn.Module, enabled: bool, batch: tuple[torch.Tensor, torch.Tensor],
+                  autocast: AbstractContextManager, log: MetricsLogger) -> nn.Module:
+    """torch.compile, tried on the first training batch itself; eager with a warning if compilation fails.
+
+    The first batch, not a batch-shaped stand-in: its inputs are views into the (B, T + 1) windows, and
+    dynamo guards on strides, so a contiguous stand-in compiles a graph the first real step cannot use
+    (it would compile again there, outside this fallback)."""
+    if not enabled:
         return model
     compiled = torch.compile(model)
-    x = torch.zeros(cfg.train.batch_size, cfg.model.context_length, dtype=torch.long, device=device)
+    x, y = batch
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                autocast_context(device, cfg.train.precision):
-            compiled(x, x)[1].backward()
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), autocast:
+            compiled(x, y)[1].backward()
     except Exception as e:  # inductor needs a working C++/Triton toolchain
         log.info(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                  f"training eagerly")
@@ -203,10 +208,10 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
     model = GPT(cfg.model).to(info.device)
     model.activation_checkpointing = t.activation_checkpointing
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
-    model_for_training = maybe_compile(model, cfg, info.device, logger)
+    autocast = autocast_context(info.device, t.precision)
+    model_for_training = maybe_compile(model, t.compile, plan.batch(0, 0, info.device), autocast, logger)
     model_for_training = wrap(model_for_training) if wrap else model_for_training
     optimizer = build_optimizer(model, cfg.optim, info.device, t.precision)
-    autocast = autocast_context(info.device, t.precision)
     peak, peak_source = peak_flops(info.device, t.precision)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
     meter = ThroughputMeter(plan.global_batch * cfg.model.context_length, t.max_steps,
