@@ -44,10 +44,15 @@ def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def child_env(**extra: str | None) -> dict[str, str]:
+    """The environment for a child process; a None value removes that variable.
+
+    No GPU is visible to it (CUDA_VISIBLE_DEVICES empty) unless the test asks for one: the CPU suite's
+    figures, exact comparisons and "auto" choices are CPU ones even on a machine with a GPU
+    (tests/test_cuda.py passes the parent's CUDA_VISIBLE_DEVICES back)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 _started: list[subprocess.Popen] = []
@@ -98,6 +103,16 @@ def _kill_started():
         if proc.poll() is None:
             kill_tree(proc.pid)
         proc.communicate()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """The CPU suite runs on the CPU where a GPU is visible too (its exact comparisons and "auto" choices
+    are CPU ones); only tests marked cuda see the GPU. Child processes: child_env."""
+    if request.node.get_closest_marker("cuda") is None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def finish(proc: subprocess.Popen, timeout: float, input: str | None = None) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS's reproducible workspace) and the same G
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ GPU_MODEL = dict(model__dim=128, model__n_layers=2, model__n_heads=4, model__ffn
 
 
 def gpu_env(**extra: str) -> dict:
-    return child_env(CUBLAS_WORKSPACE_CONFIG=":4096:8", **extra)
+    """The GPUs this process sees (the CPU suite's child_env hides them), cuBLAS reproducible."""
+    return child_env(CUBLAS_WORKSPACE_CONFIG=":4096:8", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                     **extra)
 
 
 def train(tiny_data, run, *args: str, **overrides):
@@ -41,7 +44,7 @@ def test_mixed_precision_training_learns(tiny_data, tmp_path, precision):
         pytest.skip("this GPU has no bf16")
     proc = train(tiny_data, tmp_path, train__precision=precision, train__max_steps=30, train__lr=3.0e-3,
                  train__eval_every=0, train__log_every=5)
-    assert f"precision {precision}: set in the config" in proc.stdout
+    assert f"precision: {precision} (set in the config)" in proc.stdout
     losses = [float(line.split("| loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "| loss " in line]
     assert losses[-1] < 0.8 * losses[0], losses
     state = torch.load(tmp_path / "ckpt/last_checkpoint.pt", map_location="cpu", weights_only=True)

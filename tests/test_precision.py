@@ -80,7 +80,7 @@ def test_cpu_attention_runs_fp32_inside_bf16_autocast():
 
 def test_auto_is_recorded_resolved_and_kept_by_resume_and_sampling(tiny_data, tmp_path):
     env = child_env(BYTEGPT_CACHE_DIR=str(tmp_path / "cache"))
-    args = ["train_single.py", *tiny_overrides(tiny_data, tmp_path, train__precision="auto", train__max_steps=4,
+    args = ["train_single.py", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, train__precision="auto", train__max_steps=4,
                                                train__stop_at_step=2, train__eval_every=0, train__save_every=2)]
     first = run_script(*args, env=env, check=True)
     saved = yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text())["train"]["precision"]
@@ -89,6 +89,6 @@ def test_auto_is_recorded_resolved_and_kept_by_resume_and_sampling(tiny_data, tm
     assert state["config"]["train"]["precision"] == saved
     resumed = run_script(*args, "--resume", "auto", env=env, check=True)
     assert f"precision: {saved} (auto: as the checkpoint being resumed was trained" in resumed.stdout
-    sample = run_script("inference.py", "--checkpoint", tmp_path / "ckpt/best_model.pt", "--prompt", "a",
-                        "--max-new-tokens", "4", env=env, check=True)
+    sample = run_script("inference.py", "--checkpoint", tmp_path / "ckpt/best_model.pt", "--device", "cpu",
+                        "--prompt", "a", "--max-new-tokens", "4", env=env, check=True)
     assert f"cpu {saved}]" in sample.stderr
