@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg, args = parse_cli(argv, "Train the byte-level GPT with DDP (launch with torchrun or srun).")
         with process_group(cfg.distributed, args.device) as info:
-            return run_training(cfg, info, args.resume, wrap=lambda m: parallelize(m, info, cfg.distributed, cfg.train),
-                                run_name=run_name(args.config))
+            return run_training(cfg, info, args.resume, run_name=run_name(args.config),
+                                wrap=lambda model, precision: parallelize(model, info, cfg.distributed, precision))
 
     return run_cli(body)
 

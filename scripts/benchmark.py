@@ -40,6 +40,7 @@ from utils.errors import ArgumentParser, run_cli
 from utils.metrics.flops import model_flops_utilization, peak_flops
 from utils.metrics.logger import MetricsLogger
 from utils.distributed.parallel import parallelize
+from utils.precision import Precision
 from utils.progress import progress
 from utils.train.run import build_trainer, load_data, resolve_run_precision
 
@@ -67,15 +68,15 @@ def local_state_mib(trainer) -> float:
             + sum(v.numel() * v.element_size() for v in states)) / 2 ** 20
 
 
-def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
+def measure(cfg: Config, precision: Precision, info: DistInfo, steps: int, warmup: int) -> dict:
     """Warm up, then time `steps` optimizer steps of Trainer.train_step on this process."""
     t = cfg.train
-    wrap = (lambda m: parallelize(m, info, cfg.distributed, t)) if info.world_size > 1 else None
+    wrap = (lambda m, p: parallelize(m, info, cfg.distributed, p)) if info.world_size > 1 else None
     with tempfile.TemporaryDirectory() as log_dir:
         logger = MetricsLogger(log_dir, info.is_main)
         try:
             plan, val_data = load_data(cfg, info)
-            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap)
+            trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap)
             bar = progress(warmup + steps, "benchmark", unit="step", enabled=info.is_main)
             for _ in range(warmup):
                 trainer.train_step()
@@ -93,13 +94,13 @@ def measure(cfg: Config, info: DistInfo, steps: int, warmup: int) -> dict:
         finally:
             logger.close()
     compiled = hasattr(without_ddp(trainer.model), "_orig_mod")
-    peak, peak_source = peak_flops(info.device, t.precision)
+    peak, peak_source = peak_flops(info.device, precision.name)
     step_s = statistics.median(times)
     tokens_per_sec = trainer.meter.tokens_per_step / info.world_size / step_s
     mfu = model_flops_utilization(tokens_per_sec, trainer.meter.flops_per_token, peak)
     return {
         "device": device_name(info.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "precision": t.precision, "compile": "on" if compiled else ("failed, eager" if t.compile else "off"),
+        "precision": precision.name, "compile": "on" if compiled else ("failed, eager" if t.compile else "off"),
         "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
         "activation_checkpointing": t.activation_checkpointing,
         "params": trainer.raw.num_params(), "batch_size": t.batch_size, "context_length": cfg.model.context_length,
@@ -145,7 +146,7 @@ def single(cfg: Config, args: argparse.Namespace) -> int:
         cfg, precision = resolve_run_precision(cfg, info, None)
         if info.is_main:
             print(f"precision {precision.name}: {precision.reason}", flush=True)
-        result = measure(cfg, info, args.steps, args.warmup)
+        result = measure(cfg, precision, info, args.steps, args.warmup)
         results = gather_object(result, info)
     if not info.is_main:
         return 0

@@ -14,7 +14,7 @@ from utils.distributed.process_group import DistInfo
 from utils.metrics.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
 from utils.metrics.logger import MetricsLogger
 from utils.train.optim import build_optimizer
-from utils.train.run import build_trainer, load_data
+from utils.train.run import build_trainer, load_data, resolve_run_precision
 from utils.train.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
@@ -26,8 +26,9 @@ FIELDS = {"device", "torch", "threads", "precision", "compile", "fused_adamw", "
 
 def built(data_dir, tmp_path, **overrides) -> Trainer:
     cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
+    cfg, precision = resolve_run_precision(cfg, CPU, None)
     plan, val_data = load_data(cfg, CPU)
-    return build_trainer(cfg, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
+    return build_trainer(cfg, precision, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
 
 def test_benchmark_reports_every_field(tiny_data, tmp_path):
@@ -105,10 +106,11 @@ def test_a_failing_compile_trains_eagerly(tiny_data, tmp_path, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=broken))
     torch._dynamo.reset()
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, model__n_layers=1, train__compile="true"))
+    cfg, precision = resolve_run_precision(
+        load_config(None, tiny_overrides(tiny_data, tmp_path, model__n_layers=1, train__compile="true")), CPU, None)
     plan, val_data = load_data(cfg, CPU)
     logger = MetricsLogger(tmp_path / "logs", is_main=True)
-    trainer = build_trainer(cfg, CPU, plan, val_data, logger)
+    trainer = build_trainer(cfg, precision, CPU, plan, val_data, logger)
     logger.close()
     assert not hasattr(trainer.model, "_orig_mod")
     assert "warning: torch.compile failed (BackendCompilerFailed" in logger.path.read_text()

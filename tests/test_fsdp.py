@@ -160,3 +160,17 @@ def test_fsdp_refuses_fp16(tiny_data, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded "
         "GradScaler); use train.precision=bf16 or fp32"]
+
+
+@pytest.mark.slow
+def test_auto_precision_reaches_the_fsdp_wrapper(tiny_data, tmp_path):
+    """train.precision=auto resolved to bf16 (the CPU measurement made to find it faster) is what FSDP's
+    mixed-precision policy gets: every forward runs on weights all-gathered in bf16."""
+    gathered = tmp_path / "gathered.txt"
+    run_torchrun(2, PROBE, "--device", "cpu",
+                 *tiny_overrides(tiny_data, tmp_path, distributed__strategy="fsdp", train__precision="auto",
+                                 train__max_steps=2, train__eval_every=0),
+                 env=child_env(AUTO_MEASURES="bf16", GATHERED_DTYPE=str(gathered)), check=True)
+    assert (tmp_path / "ckpt/config.yaml").read_text().count("precision: bf16") == 1
+    dtypes = gathered.read_text().split()
+    assert len(dtypes) >= 4 and set(dtypes) == {"torch.bfloat16"}, dtypes

@@ -10,11 +10,16 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import child_env, run_script, tiny_overrides
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
+from models.config_loader import load_config
 from models.transformer import attention
+from utils.checkpoint.format import CONFIG
+from utils.distributed.process_group import DistInfo
 from utils.precision import BF16_MARGIN, autocast_context, grad_scaler, resolve_precision
+from utils.train.run import resolve_run_precision
 
 TINY = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=16)
+CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
 
 @pytest.fixture
@@ -30,6 +35,25 @@ def test_explicit_settings_and_resumed_runs_are_kept(cache):
     assert resolve_precision("fp16", cpu, TINY, 4).name == "fp16"
     assert resolve_precision("auto", cpu, TINY, 4, trained_with="bf16").name == "bf16"
     assert not cache.exists()  # neither measures
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_cuda_auto_follows_the_gpus_compute_capability(monkeypatch, capability, expected):
+    """bf16 from Ampere (8.0) on, asked of the GPU in use; fp16 with a GradScaler before (V100, T4), where
+    torch.cuda.is_bf16_supported() says yes for slow emulated bf16."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda", 3)
+    assert resolve_precision("auto", gpu, TINY, 4).name == expected and asked == [gpu]
+
+
+def test_fsdp_refuses_fp16_that_auto_resolved(cache):
+    """auto resolved to fp16 (here: resuming an fp16 run) under FSDP: one ConfigError that names auto's reason."""
+    cfg = load_config(None, ["train.precision=auto", "distributed.strategy=fsdp"])
+    with pytest.raises(ConfigError, match=r"train.precision=auto resolved to fp16 \(auto: as the checkpoint"):
+        resolve_run_precision(cfg, CPU, {CONFIG: {"train": {"precision": "fp16"}}})
 
 
 def test_cpu_auto_measures_once_caches_and_decides_by_the_measurement(cache):

@@ -11,7 +11,7 @@ from models.config_loader import load_config
 from utils.distributed.process_group import DistInfo
 from utils.metrics.logger import MetricsLogger
 from utils.train.optim import build_optimizer, lr_at, newton_schulz
-from utils.train.run import build_trainer, load_data
+from utils.train.run import build_trainer, load_data, resolve_run_precision
 from utils.train.trainer import Trainer, TrainingDiverged
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
@@ -19,8 +19,9 @@ CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
 def make_trainer(data_dir, tmp_path, **overrides) -> Trainer:
     cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
+    cfg, precision = resolve_run_precision(cfg, CPU, None)
     plan, val_data = load_data(cfg, CPU)
-    return build_trainer(cfg, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
+    return build_trainer(cfg, precision, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])

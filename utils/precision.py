@@ -1,8 +1,8 @@
 """Numeric precision, decided in one place: the dtype, the autocast context and the GradScaler.
 
-`train.precision: auto` resolves per device: on CUDA bf16 where the GPU supports it, else fp16
-(with a GradScaler); on MPS fp32 (autocast there is untested); on a CPU bf16 only where this
-host's bf16 matmuls are measurably faster than fp32 at the model's own shapes, else fp32. Many
+`train.precision: auto` resolves per device: on CUDA bf16 where the GPU in use has bf16 tensor cores
+(compute capability 8.0+, Ampere on), else fp16 with a GradScaler; on MPS fp32 (autocast there is
+untested); on a CPU bf16 only where this host's bf16 matmuls are measurably faster than fp32 at the model's own shapes, else fp32. Many
 CPUs have no bf16 matrix units and run bf16 several times slower (docs/benchmarks.md). The CPU
 measurement is cached per host (utils/host_cache.py), and the resolved name is what the run's
 config.yaml and checkpoints record, so resuming and sampling use what training used.
@@ -95,9 +95,12 @@ def resolve_precision(setting: str, device: torch.device, model: ModelShapes, ba
     if trained_with in DTYPES:
         return Precision(trained_with, "auto: as the checkpoint being resumed was trained")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision("bf16", "auto: this GPU supports bf16")
-        return Precision("fp16", "auto: this GPU has no bf16, fp16 with a GradScaler")
+        # not torch.cuda.is_bf16_supported(): since torch 2.4 it counts bf16 emulated (slowly) on older GPUs
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return Precision("bf16", f"auto: this GPU (compute capability {major}.{minor}) has bf16 tensor cores")
+        return Precision("fp16", f"auto: this GPU (compute capability {major}.{minor}) has no bf16 tensor cores, "
+                                 f"fp16 with a GradScaler")
     if device.type != "cpu":
         return Precision("fp32", f"auto: autocast on {device.type} is untested")
     key = host_key(f"linears {batch_size * model.context_length}x{model.dim}x{model.ffn_dim}")

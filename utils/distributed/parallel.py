@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.config import DistributedConfig, TrainConfig
+from models.config import DistributedConfig
 from utils.distributed.process_group import DistInfo, group_mesh, unwrap
+from utils.precision import Precision
 
 
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
@@ -25,14 +26,14 @@ def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
         static_graph=cfg.static_graph)
 
 
-def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module:
+def fsdp_wrap(model: nn.Module, info: DistInfo, precision: Precision) -> nn.Module:
     """Shard every block, then the root. Returns the plain (now sharded) model.
 
     Activation checkpointing is the model's own per-block `checkpoint(block, ...)`, which
     composes with the block's FSDP hooks (the recompute all-gathers the block again). A model
     compiled whole by the trainer is recompiled per block (`Module.compile`, which keeps the
     parameter names): FSDP's hooks then stay outside every compiled region, as torchtitan does.
-    fp16 is refused in the config (FSDP2 has no sharded GradScaler).
+    fp16 is refused once the precision is resolved (FSDP2 has no sharded GradScaler).
     """
     raw = unwrap(model)
     if info.world_size == 1:
@@ -45,7 +46,7 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module
     compiled = raw is not model
     # bf16: compute in bf16, reduce-scatter gradients in fp32 so the sum over ranks loses nothing
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if train.precision == "bf16" else MixedPrecisionPolicy()
+        if precision.name == "bf16" else MixedPrecisionPolicy()
     mesh = group_mesh(info)
     for block in raw.blocks:
         if compiled:
@@ -55,10 +56,11 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, train: TrainConfig) -> nn.Module
     return raw
 
 
-def parallelize(model: nn.Module, info: DistInfo, cfg: DistributedConfig, train: TrainConfig) -> nn.Module:
-    """The model as distributed.strategy wants it for training on info.world_size processes."""
+def parallelize(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precision: Precision) -> nn.Module:
+    """The model as distributed.strategy wants it for training on info.world_size processes, in the run's
+    resolved precision (never the config's `auto`)."""
     if cfg.strategy == "fsdp":
-        return fsdp_wrap(model, info, train)
+        return fsdp_wrap(model, info, precision)
     return ddp_wrap(model, info, cfg)
 
 

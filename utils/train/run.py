@@ -42,7 +42,7 @@ from utils.train.stopping import StopFlag
 from utils.train.trainer import Trainer
 from utils.train.validation import Validator
 
-Wrap = Callable[[nn.Module], nn.Module]
+Wrap = Callable[[nn.Module, Precision], nn.Module]  # parallelisation, given the run's resolved precision
 
 
 # -- checks (nothing written) --------------------------------------------------------------------
@@ -184,6 +184,10 @@ def resolve_run_precision(cfg: Config, info: DistInfo, resume_state: dict | None
     if info.is_main:
         precision = resolve_precision(cfg.train.precision, info.device, cfg.model, cfg.train.batch_size, trained_with)
     precision = broadcast_object(precision, info)
+    if precision.name == "fp16" and cfg.distributed.strategy == "fsdp":
+        raise ConfigError(f"train.precision={cfg.train.precision} resolved to fp16 ({precision.reason}), which "
+                          f"distributed.strategy=fsdp does not support (FSDP2 has no sharded GradScaler); "
+                          f"use train.precision=fp32 or distributed.strategy=ddp")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name)), precision
 
 
@@ -196,11 +200,12 @@ def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
                      info.world_size, t.seed), val_data
 
 
-def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.ndarray, logger: MetricsLogger,
-                  wrap: Wrap | None = None, stop: StopFlag | None = None,
+def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: BatchPlan, val_data: np.ndarray,
+                  logger: MetricsLogger, wrap: Wrap | None = None, stop: StopFlag | None = None,
                   checkpointer: Checkpointer | None = None) -> Trainer:
     """The model, seeded, compiled and wrapped as configured, in its Trainer: what run_training
-    trains and scripts/benchmark.py times."""
+    trains and scripts/benchmark.py times. precision is the run's resolved one (resolve_run_precision),
+    the only one any part of the run uses."""
     t = cfg.train
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
@@ -208,18 +213,18 @@ def build_trainer(cfg: Config, info: DistInfo, plan: BatchPlan, val_data: np.nda
     model = GPT(cfg.model).to(info.device)
     model.activation_checkpointing = t.activation_checkpointing
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
-    autocast = autocast_context(info.device, t.precision)
+    autocast = autocast_context(info.device, precision.name)
     model_for_training = maybe_compile(model, t.compile, plan.batch(0, 0, info.device), autocast, logger)
-    model_for_training = wrap(model_for_training) if wrap else model_for_training
-    optimizer = build_optimizer(model, cfg.optim, info.device, t.precision)
-    peak, peak_source = peak_flops(info.device, t.precision)
+    model_for_training = wrap(model_for_training, precision) if wrap else model_for_training
+    optimizer = build_optimizer(model, cfg.optim, info.device, precision.name)
+    peak, peak_source = peak_flops(info.device, precision.name)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
     meter = ThroughputMeter(plan.global_batch * cfg.model.context_length, t.max_steps,
                             flops_per_token(model.num_params(non_embedding=True), cfg.model.n_layers, cfg.model.dim,
                                             cfg.model.context_length), peak)
     return Trainer(model=model_for_training, optimizer=optimizer,
                    scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, t.max_steps),
-                   scaler=grad_scaler(info.device, t.precision), autocast=autocast, plan=plan,
+                   scaler=grad_scaler(info.device, precision.name), autocast=autocast, plan=plan,
                    validator=Validator(model_for_training, val_data, cfg.model.context_length, t.batch_size,
                                        cfg.eval, info, autocast, sharded=cfg.distributed.strategy == "fsdp"),
                    checkpointer=checkpointer or checkpointer_for(cfg, info),
@@ -274,7 +279,7 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
         with StopFlag() as stop:
-            trainer = build_trainer(cfg, info, plan, val_data, logger, wrap, stop, checkpointer)
+            trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap, stop, checkpointer)
             for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):
                 logger.info(line)
             if resumed:
