@@ -6,6 +6,7 @@ import torch
 from conftest import run_script
 from utils.errors import UserError
 from utils.device import fused_adamw, mps_available, pin_memory, resolve_device
+from utils.distributed.rendezvous import env_ranks
 
 
 def test_auto_and_none_take_the_best_device_present():
@@ -30,6 +31,47 @@ def test_mps_without_apple_gpu_is_refused():
 def test_unknown_devices_list_the_choices(arg):
     with pytest.raises(UserError, match="auto, cpu, cuda, cuda:N or mps"):
         resolve_device(arg)
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine that shows n GPUs to this process (set gpus.count); records set_device calls."""
+    class Gpus:
+        count = 1
+        current: list = []
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: Gpus.count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: Gpus.current.append(device))
+    return Gpus
+
+
+@pytest.mark.parametrize("env, visible, arg, expected", [
+    # plain srun, --gpus-per-task=1: each task sees one GPU whatever its SLURM_LOCALID
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, 1, None, 0),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, 1, "cuda", 0),
+    # srun or torchrun where every process sees the node's GPUs
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "11", "SLURM_LOCALID": "3"}, 4, None, 3),
+    ({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, 4, "cuda", 1),
+    # one process on the third GPU (train_single.py --device cuda:2)
+    ({}, 4, "cuda:2", 2),
+])
+def test_cuda_device_follows_the_launcher_and_becomes_current(gpus, env, visible, arg, expected):
+    """The GPU index from the launcher's variables and what the process sees, and it is made the current
+    device (so a checkpoint's CUDA RNG state is that GPU's)."""
+    gpus.count = visible
+    _, local_rank, _ = env_ranks(env)
+    device = resolve_device(arg, local_rank)
+    assert device == torch.device("cuda", expected) and gpus.current == [device]
+
+
+def test_more_processes_than_gpus_is_refused(gpus):
+    gpus.count = 2
+    _, local_rank, _ = env_ranks({"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "4"})
+    with pytest.raises(UserError, match="local rank 2 has no GPU of its own: this process sees 2 GPUs"):
+        resolve_device(None, local_rank)
+    with pytest.raises(UserError, match="cuda:2 requested but only 2 GPU"):
+        resolve_device("cuda:2")
 
 
 def test_per_device_choices():

@@ -25,10 +25,14 @@ def mps_available() -> bool:
 
 
 def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
-    """The torch.device for --device (None = auto); a CUDA device without an index takes local_rank's GPU."""
+    """The torch.device for --device (None = auto); a CUDA device without an index takes local_rank's GPU.
+
+    A CUDA device is also made the current one (torch.cuda.set_device), so what names no index (the
+    CUDA RNG state a checkpoint saves and restores, "cuda" tensors, NCCL) means this GPU, not cuda:0.
+    """
     if device_arg in (None, "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
+            return _current(torch.device("cuda", local_gpu(local_rank)))
         return torch.device("mps") if mps_available() else torch.device("cpu")
     try:
         device = torch.device(device_arg)
@@ -38,10 +42,11 @@ def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"--device {device_arg} asked for CUDA, but no CUDA GPU is visible "
                             f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{index} requested but only {torch.cuda.device_count()} GPU(s) are visible")
-        return torch.device("cuda", index)
+        if device.index is None:
+            return _current(torch.device("cuda", local_gpu(local_rank)))
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"cuda:{device.index} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+        return _current(device)
     if device.type == "mps":
         if not mps_available():
             raise UserError("--device mps asked for Apple's GPU, but MPS is not available here (it needs an Apple "
@@ -49,6 +54,25 @@ def resolve_device(device_arg: str | None, local_rank: int = 0) -> torch.device:
         return torch.device("mps")
     if device.type != "cpu":
         raise UserError(f"--device {device_arg} is not supported; use one of {DEVICE_CHOICES}")
+    return device
+
+
+def local_gpu(local_rank: int) -> int:
+    """This process's GPU among those it sees: index 0 where it sees one (srun --gpus-per-task=1 or a
+    CUDA_VISIBLE_DEVICES of one GPU per process), else its local rank (torchrun, or srun where every
+    task sees the node's GPUs)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU of its own: this process sees {count} GPUs; start at "
+                        f"most one process per GPU (torchrun --nproc_per_node, srun --ntasks-per-node), or give "
+                        f"each process one GPU (srun --gpus-per-task=1)")
+    return local_rank
+
+
+def _current(device: torch.device) -> torch.device:
+    torch.cuda.set_device(device)
     return device
 
 

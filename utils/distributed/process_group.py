@@ -49,8 +49,6 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
         yield DistInfo(0, 0, 1, device, None)
         return
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
     store, host = group_store(rank, world_size, timeout)
     watchdog = Watchdog(store, rank, world_size, host)
