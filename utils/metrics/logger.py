@@ -12,7 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from models.config import LoggingConfig
+from utils.device import synchronize
 from utils.metrics.flops import model_flops_utilization
 from utils.metrics.sinks import JsonlSink, WandbSink, require_wandb
 
@@ -27,11 +30,14 @@ def format_seconds(seconds: float) -> str:
 
 class ThroughputMeter:
     """Training time and throughput: only time inside optimizer steps counts (no evaluation,
-    saving or start-up), tokens/s is over each log interval, the ETA is from this process's pace."""
+    saving or start-up), tokens/s is over each log interval, the ETA is from this process's pace.
+    A step ends when the device has finished it: the step reads its loss before the optimizer runs, so on
+    a GPU the optimizer's kernels would otherwise still be queued when the clock stops."""
 
-    def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float, peak: float | None) -> None:
+    def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float, peak: float | None,
+                 device: torch.device) -> None:
         self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
-        self.flops_per_token, self.peak = flops_per_token, peak
+        self.flops_per_token, self.peak, self.device = flops_per_token, peak, device
         self.train_seconds = 0.0  # restored on resume, so it counts the whole run
         self.started = time.perf_counter()
         self._steps = 0  # steps timed by this process
@@ -42,6 +48,7 @@ class ThroughputMeter:
     def step(self) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
+        synchronize(self.device)  # a no-op on the CPU
         dt = time.perf_counter() - t0
         self.train_seconds += dt
         self._seconds += dt

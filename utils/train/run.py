@@ -221,7 +221,7 @@ def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: Batch
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
     meter = ThroughputMeter(plan.global_batch * cfg.model.context_length, t.max_steps,
                             flops_per_token(model.num_params(non_embedding=True), cfg.model.n_layers, cfg.model.dim,
-                                            cfg.model.context_length), peak)
+                                            cfg.model.context_length), peak, info.device)
     return Trainer(model=model_for_training, optimizer=optimizer,
                    scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, t.max_steps),
                    scaler=grad_scaler(info.device, precision.name), autocast=autocast, plan=plan,
