@@ -35,11 +35,11 @@ import torch
 from models.config import Config, ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
-from utils.distributed.process_group import DistInfo, gather_object, process_group, without_ddp
+from utils.distributed.process_group import DistInfo, gather_object, process_group
 from utils.errors import ArgumentParser, run_cli
 from utils.metrics.flops import model_flops_utilization, peak_flops
 from utils.metrics.logger import MetricsLogger
-from utils.distributed.parallel import parallelize
+from utils.distributed.parallel import compiled_as, parallelize
 from utils.precision import Precision
 from utils.progress import progress
 from utils.train.run import build_trainer, load_data, resolve_run_precision
@@ -81,6 +81,8 @@ def measure(cfg: Config, precision: Precision, info: DistInfo, steps: int, warmu
             for _ in range(warmup):
                 trainer.train_step()
                 bar.update()
+            if info.device.type == "cuda":  # the peak of the timed steps, not of compiling (a CPU's RSS peak stays)
+                torch.cuda.reset_peak_memory_stats(info.device)
             times = []
             for _ in range(steps):
                 synchronize(info.device)
@@ -93,14 +95,16 @@ def measure(cfg: Config, precision: Precision, info: DistInfo, steps: int, warmu
             state_mib = local_state_mib(trainer)
         finally:
             logger.close()
-    compiled = hasattr(without_ddp(trainer.model), "_orig_mod")
+    compiled = compiled_as(trainer.model)
+    compile_label = ("on" if compiled == "whole" else f"on, {compiled}") if compiled else \
+        ("failed, eager" if t.compile else "off")
     peak, peak_source = peak_flops(info.device, precision.name)
     step_s = statistics.median(times)
     tokens_per_sec = trainer.meter.tokens_per_step / info.world_size / step_s
     mfu = model_flops_utilization(tokens_per_sec, trainer.meter.flops_per_token, peak)
     return {
         "device": device_name(info.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "precision": precision.name, "compile": "on" if compiled else ("failed, eager" if t.compile else "off"),
+        "precision": precision.name, "compile": compile_label,
         "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
         "activation_checkpointing": t.activation_checkpointing,
         "params": trainer.raw.num_params(), "batch_size": t.batch_size, "context_length": cfg.model.context_length,

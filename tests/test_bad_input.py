@@ -124,6 +124,31 @@ def test_a_model_too_large_for_memory_is_refused_before_any_allocation(capsys, t
     assert code == 2 and err.count("\n") == 1 and ("GiB free" in err or "must be int" in err), err
 
 
+def test_fsdp_asks_each_rank_for_its_shard_of_the_training_state(tiny_data, tmp_path):
+    """16 bytes per parameter on every rank under DDP; under FSDP a rank holds 1/world size of them, so a
+    model that one rank cannot hold whole is accepted once sharded over enough ranks."""
+    import os
+
+    import torch
+
+    from utils.distributed.process_group import DistInfo
+    from utils.train.run import check_memory, state_bytes_per_rank
+
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    per_layer = 16 * 12 * 1024 ** 2  # bytes per layer at dim 1024, ffn 4096: 12 dim^2 weights
+    layers = 2 * free // per_layer + 1  # about twice the free memory
+    def cfg(strategy):
+        return load_config(None, [*tiny_overrides(tiny_data, tmp_path), "model.dim=1024", "model.ffn_dim=4096",
+                                  "model.n_heads=8", f"model.n_layers={layers}", f"distributed.strategy={strategy}"])
+    ddp, fsdp = cfg("ddp"), cfg("fsdp")
+    n, whole = state_bytes_per_rank(ddp, 4)
+    assert whole >= 16 * n and state_bytes_per_rank(fsdp, 4) == (n, -(-16 * n // 4))
+    four_ranks = DistInfo(0, 0, 4, torch.device("cpu"), "gloo")
+    with pytest.raises(ConfigError, match="GiB per rank.*or shard them with distributed.strategy=fsdp"):
+        check_memory(ddp, four_ranks)
+    check_memory(fsdp, four_ranks)  # about half the free memory per rank
+
+
 @pytest.mark.parametrize("device", ["tpu", "meta", "cuda:99", "mps", "xla", "garbage", "", "cpu:3"])
 def test_unknown_or_unavailable_device_is_one_line(capsys, tiny_data, tmp_path, device):
     """--device names only the devices this code supports and that are present."""

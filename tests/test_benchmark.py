@@ -71,7 +71,17 @@ def test_mfu_matches_hand_computation():
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=True)[0] == 494.5e12  # TF32 tensor cores
 
 
-@pytest.mark.parametrize("name", ["Tesla T4", "NVIDIA L40S", "NVIDIA GeForce RTX 3090"])
+@pytest.mark.parametrize("name, key, bf16", [
+    ("NVIDIA H200", "H200 SXM", 989e12), ("NVIDIA H200 NVL", "H200 NVL", 835.5e12),
+    ("NVIDIA GH200 480GB", "GH200", 989e12), ("NVIDIA H800", "H800 SXM", 989e12),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 756e12), ("NVIDIA L40S", "L40S", 362.05e12), ("NVIDIA L4", "L4", 121e12),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12), ("NVIDIA A10G", "A10G", 70e12)])
+def test_gpu_names_find_their_own_datasheet_row(name, key, bf16):
+    """Each name maps to its own row, never a neighbour's (H200 NVL is not the SXM part, L40S is not L4)."""
+    assert gpu_peak_key(name) == key and gpu_peak_flops(name, "bf16", tf32=True)[0] == bf16
+
+
+@pytest.mark.parametrize("name", ["Tesla T4", "NVIDIA L40", "NVIDIA GeForce RTX 3090"])
 def test_unknown_gpu_reports_no_mfu(name, capsys):
     """A GPU missing from the table gets no peak and MFU "n/a", never a neighbour's number."""
     assert gpu_peak_key(name) is None
@@ -115,6 +125,17 @@ def test_a_failing_compile_trains_eagerly(tiny_data, tmp_path, monkeypatch):
     assert not hasattr(trainer.model, "_orig_mod")
     assert "warning: torch.compile failed (BackendCompilerFailed" in logger.path.read_text()
     assert all(trainer.train_step()[2] for _ in range(2))
+
+
+def test_compiled_as_names_whole_per_block_and_eager():
+    """The benchmark's compile column: torch.compile's wrapper, FSDP's per-block Module.compile, or eager."""
+    from utils.distributed.parallel import compiled_as
+
+    model = GPT(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=16))
+    assert compiled_as(model) is None and compiled_as(torch.compile(model)) == "whole"
+    for block in model.blocks:
+        block.compile()  # lazy: nothing is compiled until a forward
+    assert compiled_as(model) == "per block"
 
 
 def test_fused_adamw_matches_foreach_on_cpu():

@@ -61,5 +61,20 @@ def test_one_poisoned_rank_does_not_split_the_ranks(tiny_data, tmp_path):
                                train__max_nonfinite_steps=2)
     proc = run_torchrun(2, HELPER, "--device", "cpu", *overrides, env=child_env(POISON_RANK="1", POISON_STEPS="all"))
     assert proc.returncode != 0
-    assert proc.stderr.count("non-finite for 2 steps in a row (step 2)") == 2, proc.stderr  # both ranks, same step
+    diverged = [line for line in proc.stderr.splitlines()
+                if line.startswith("error: loss or gradient norm was non-finite for 2 steps in a row (step 2)")]
+    assert len(diverged) == 2, proc.stderr  # both ranks, at the same step
 
+
+
+def test_a_bf16_run_continues_in_fp16(tiny_data, tmp_path):
+    """Resuming a run trained without a GradScaler (bf16) in fp16 starts a fresh scaler and trains on."""
+    bf16 = make_trainer(tiny_data, tmp_path, train__precision="bf16")
+    bf16.train_step()
+    bf16.checkpointer.dir.mkdir(parents=True)  # run_training's accept() makes the folder
+    bf16.save()
+    (path,) = [p for _, p in bf16.checkpointer.step_files()]
+    fp16 = make_trainer(tiny_data, tmp_path, train__precision="fp16")
+    fp16.restore(fp16.checkpointer.load(path), str(path))
+    assert fp16.step == 1 and fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0 ** 16
+    assert math.isfinite(fp16.train_step()[0]) and fp16.step == 2

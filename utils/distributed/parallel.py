@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from models.config import DistributedConfig
-from utils.distributed.process_group import DistInfo, group_mesh, unwrap
+from utils.distributed.process_group import DistInfo, group_mesh, unwrap, without_ddp
 from utils.precision import Precision
 
 
@@ -54,6 +54,17 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, precision: Precision) -> nn.Modu
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw, mesh=mesh, mp_policy=mp)
     return raw
+
+
+def compiled_as(model: nn.Module) -> str | None:
+    """How the training model is compiled: "whole" (torch.compile's wrapper, under DDP too), "per block"
+    (Module.compile in place, as fsdp_wrap does), or None (eager)."""
+    if hasattr(without_ddp(model), "_orig_mod"):
+        return "whole"
+    # Module.compile() keeps the module and sets its compiled call (torch 2.2+)
+    if any(getattr(block, "_compiled_call_impl", None) is not None for block in unwrap(model).blocks):
+        return "per block"
+    return None
 
 
 def parallelize(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precision: Precision) -> nn.Module:

@@ -21,23 +21,33 @@ def flops_per_token(n_params: int, n_layers: int, dim: int, context_length: int)
     return 6 * n_params + 12 * n_layers * dim * context_length
 
 
-# Peak dense (non-sparse) tensor FLOP/s from the vendors' datasheets, by precision used for matmuls.
+# Peak dense (non-sparse) tensor FLOP/s from NVIDIA's datasheets (the "with sparsity" figures halved), by
+# the precision used for matmuls: H100 SXM/PCIe/NVL, H800 (the H100 SXM's compute), H200 SXM and NVL, GH200
+# (the superchip's Hopper GPU: the H100 SXM's figures), A100, A10G/A10, L4, L40S, RTX 4090.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H200 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    "GH200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
     "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
     "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
     "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H800 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H800 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
     "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "L40S": {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12},
     "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
     "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
 }
 
 
-# device-name patterns, most specific first ("L4" must not match "L40S", nor "A10" match "A100")
-_GPU_NAMES = [("H200", "H200"), ("H100 PCIE", "H100 PCIe"), ("H100 NVL", "H100 NVL"), ("H100", "H100 SXM"),
-              ("A100", "A100"), ("A10G", "A10G"), ("A10", "A10"), ("L4", "L4"), ("RTX 4090", "RTX 4090")]
+# device-name patterns, most specific first ("L4" must not match "L40S", nor "A10" match "A100", nor the
+# H200 SXM row take the H200 NVL)
+_GPU_NAMES = [("GH200", "GH200"), ("H200 NVL", "H200 NVL"), ("H200", "H200 SXM"), ("H100 PCIE", "H100 PCIe"),
+              ("H100 NVL", "H100 NVL"), ("H100", "H100 SXM"), ("H800 PCIE", "H800 PCIe"), ("H800", "H800 SXM"),
+              ("A100", "A100"), ("A10G", "A10G"), ("A10", "A10"), ("L40S", "L40S"), ("L4", "L4"),
+              ("RTX 4090", "RTX 4090")]
 
 
 def gpu_peak_key(name: str) -> str | None:

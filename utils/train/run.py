@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import platform
 import random
@@ -105,22 +106,32 @@ def check_fits(cfg: Config, path: str, state: dict) -> None:
                               f"resume with the same model settings")
 
 
-def check_memory(cfg: Config, info: DistInfo) -> None:
-    """Refuse a model whose weights, gradients and AdamW state (16 bytes per parameter) cannot fit in
-    the device's free memory, before anything is allocated. The count is from the shapes alone (a
-    lower bound: the matrices of the blocks, the embeddings and positions), so it is instant even for
-    absurd sizes."""
+def state_bytes_per_rank(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(parameters, bytes of weights, gradients and AdamW state one rank holds: 16 per parameter, over the
+    world size under FSDP). The count is from the shapes alone (a lower bound: the matrices of the blocks,
+    the embeddings and positions), so it is instant even for absurd sizes."""
     m = cfg.model
     mlp = (3 if m.activation == "swiglu" else 2) * m.dim * m.ffn_dim
     n = m.n_layers * (4 * m.dim * m.dim + mlp) + (m.vocab_size + m.context_length) * m.dim
+    shards = world_size if cfg.distributed.strategy == "fsdp" else 1
+    return n, math.ceil(16 * n / shards)
+
+
+def check_memory(cfg: Config, info: DistInfo) -> None:
+    """Refuse a model whose training state cannot fit in this rank's free device memory, before anything
+    is allocated."""
+    n, need = state_bytes_per_rank(cfg, info.world_size)
     if info.device.type == "cuda":
         free = torch.cuda.mem_get_info(info.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if 16 * n > free:
-        raise ConfigError(f"the model has at least {n:,} parameters, which need ~{16 * n / 2**30:.1f} GiB for "
-                          f"weights, gradients and optimizer state, more than the {free / 2**30:.1f} GiB free on "
-                          f"{info.device}; lower model.dim, model.n_layers, model.ffn_dim or model.context_length")
+    if need > free:
+        fsdp = cfg.distributed.strategy == "fsdp"
+        hint = ", or shard them with distributed.strategy=fsdp" if info.world_size > 1 and not fsdp else ""
+        raise ConfigError(f"the model has at least {n:,} parameters, whose weights, gradients and optimizer state"
+                          f"{f', sharded over {info.world_size} ranks,' if fsdp else ''} need ~{need / 2**30:.1f} GiB "
+                          f"per rank, more than the {free / 2**30:.1f} GiB free on {info.device}; lower model.dim, "
+                          f"model.n_layers, model.ffn_dim or model.context_length{hint}")
 
 
 def check_writable(path: Path, key: str) -> None:

@@ -80,7 +80,10 @@ class Trainer:
         """Continue from a loaded checkpoint (already checked to fit this run)."""
         self.checkpointer.restore(Path(source), state, self.raw, self.optimizer)
         self.scheduler.load_state_dict(state[ckpt.SCHEDULER])
-        self.scaler.load_state_dict(state[ckpt.SCALER])
+        if state[ckpt.SCALER] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state[ckpt.SCALER])
+        else:  # a run trained without loss scaling (bf16, fp32) continued in fp16
+            self.log.info("the checkpoint has no GradScaler state (trained without fp16); fp16 starts a fresh one")
         self.load_state_dict(state[ckpt.TRAINER])
         rngs = state[ckpt.RNG]
         if len(rngs) != self.info.world_size:
