@@ -81,6 +81,40 @@ def test_two_ranks_on_nccl_match_one_process(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_on_one_gpu_over_gloo_match_one_process(tiny_data, tmp_path, strategy):
+    """DDP and FSDP (its sharded checkpoint included) with CUDA tensors: 2 processes share this GPU and gloo
+    carries the CUDA tensors; 2 x batch 4 == 1 process x batch 8. NCCL with more than one rank needs a GPU
+    per rank (test_two_ranks_on_nccl_match_one_process): on one GPU it is not covered."""
+    one = {**GPU_MODEL, **DETERMINISTIC}
+    two = {**one, "train__batch_size": 4, "distributed__backend": "gloo", "distributed__strategy": strategy}
+    run_torchrun(2, "train_ddp.py", "--device", "cuda:0", *tiny_overrides(tiny_data, tmp_path / "two", **two),
+                 env=gpu_env(), check=True)
+    train(tiny_data, tmp_path / "one", **DETERMINISTIC)
+    a = load_weights(tmp_path / "one/ckpt/last_checkpoint.pt")
+    if strategy == "fsdp":
+        run_script("-m", "scripts.convert_checkpoint", "--checkpoint", tmp_path / "two/ckpt/step_0000006",
+                   "--out", tmp_path / "two.pt", env=gpu_env(), check=True)
+        b = load_weights(tmp_path / "two.pt")
+    else:
+        b = load_weights(tmp_path / "two/ckpt/last_checkpoint.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_fp16_scaler_through_a_forced_non_finite_step(tiny_data, tmp_path):
+    """fp16 + GradScaler on the GPU, 2 processes (gloo, one GPU), rank 1's loss NaN at steps 2 and 3: both
+    ranks skip those steps with one scale, halve it, and finish (tests/test_fp16.py on the CPU)."""
+    overrides = tiny_overrides(tiny_data, tmp_path, **GPU_MODEL, train__precision="fp16", train__eval_every=0,
+                               distributed__backend="gloo")
+    run_torchrun(2, "tests/helpers/poison_rank.py", "--device", "cuda:0", *overrides, check=True,
+                 env=gpu_env(POISON_RANK="1", POISON_STEPS="2,3", RECORD_SCALE=str(tmp_path / "scale")))
+    ranks = [[json.loads(line) for line in (tmp_path / "scale" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 6
+    assert [r["applied"] for r in ranks[0][2:4]] == [False, False] and ranks[0][3]["scale"] < ranks[0][1]["scale"]
+
+
 def test_exact_resume_on_gpu(tiny_data, tmp_path):
     """8 steps == 4 + --resume auto to 8, weights bit for bit, under the deterministic settings above."""
     settings = dict(train__max_steps=8, train__save_every=4, train__eval_every=4, **DETERMINISTIC)
