@@ -123,7 +123,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
                     break
             assert "http://" in out, f"{cmd}\n{out}"
             proc.kill()
-            proc.communicate()
+            proc.wait()
         else:
             done = finish(proc, 600)
             assert done.returncode == 0, f"README command failed: {line}\n{done.stdout[-3000:]}"
