@@ -107,6 +107,11 @@ class BatchPlan:
                             f"train.grad_accum_steps or model.context_length, or prepare more text")
         self._epoch: tuple[int, int, KeyedPermutation] | None = None
 
+    def with_micro_batch(self, batch_size: int) -> BatchPlan:
+        """The same global batches and order in micro-batches of batch_size (which must divide this one's)."""
+        return BatchPlan(self.data, self.T, batch_size, self.accum * self.batch_size // batch_size, self.rank,
+                         self.world, self.seed)
+
     def epoch_order(self, epoch: int) -> tuple[int, KeyedPermutation]:
         """(phase, window order) of an epoch: order(i) is the window at position i; a new order every epoch."""
         if self._epoch is None or self._epoch[0] != epoch:

@@ -10,6 +10,7 @@
 | checkpoint    | utils/checkpoint/folder.py Checkpointer           |
 | logging       | utils/metrics/logger.py MetricsLogger             |
 | distributed   | utils/distributed/process_group.py                |
+| health        | utils/train/guard.py HealthGuard (and health.py)  |
 
 Loading (YAML, overrides, the keys that moved between sections) is models/config_loader.py. No
 torch import here, so loading and validating a config is fast and cheap to test.
@@ -125,13 +126,11 @@ class TrainConfig:
     """recompute each block's activations in backward to save memory"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this; 0 = no clipping (the norm is still logged)"""
-    max_nonfinite_steps: int = 5
-    """stop after this many consecutive steps with a non-finite loss or gradient norm"""
     log_every: int = 10
     """optimizer steps between log lines"""
 
     def __post_init__(self) -> None:
-        _positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every", "max_nonfinite_steps")
+        _positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every")
         _non_negative("train", self, "stop_at_step", "grad_clip")
         _check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -257,6 +256,46 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    action: str = "skip"
+    """what a loss spike or a non-finite loss/grad norm does: skip (drop that update), rollback (restore
+    the in-memory snapshot, skip the data since it), stop (checkpoint, exit 2) or log (report only)"""
+    window: int = 100
+    """healthy steps of loss and grad norm history the detector compares each step with"""
+    arm_after: int = 50
+    """healthy steps seen before spikes are judged (non-finite steps are judged from step 1)"""
+    loss_z: float = 6.0
+    """a loss more than this many robust deviations (1.4826 MAD) above the window's median is a spike"""
+    grad_norm_z: float = 20.0
+    """the same for the grad norm (it is noisier than the loss); 0 = judge the loss alone"""
+    min_rel_rise: float = 0.02
+    """the deviation is at least this fraction of the median, so a flat, quiet window does not turn noise
+    into spikes"""
+    max_consecutive: int = 5
+    """stop after this many events in a row (was train.max_nonfinite_steps)"""
+    max_rollbacks: int = 3
+    """rollback only: stop after this many rollbacks in the run"""
+    snapshot_every: int = 50
+    """rollback only: steps between in-memory snapshots (weights, optimizer, schedule, RNG; on CPU memory)"""
+    rollback_lr_factor: float = 1.0
+    """rollback only: multiply the LR by this for rollback_lr_steps steps after a rollback; 1 = unchanged"""
+    rollback_lr_steps: int = 0
+    oom_backoff: bool = True
+    """on out-of-memory, retry the step with half the micro-batch and twice the accumulation (same global batch)"""
+    memory_history: bool = False
+    """CUDA: record allocation history and dump a snapshot next to the logs on out-of-memory (pytorch.org/memory_viz)"""
+
+    def __post_init__(self) -> None:
+        _one_of("health.action", self.action, ("skip", "rollback", "stop", "log"))
+        _positive("health", self, "window", "loss_z", "max_consecutive", "snapshot_every")
+        _non_negative("health", self, "arm_after", "grad_norm_z", "min_rel_rise", "max_rollbacks",
+                      "rollback_lr_steps")
+        _check(self.arm_after <= self.window, f"health.arm_after={self.arm_after} must not exceed "
+               f"health.window={self.window}: the window holds the history it is armed on")
+        _check(0 < self.rollback_lr_factor <= 1, "health.rollback_lr_factor must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -267,6 +306,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         _check(self.schedule.min_lr <= self.optim.lr,

@@ -31,6 +31,7 @@ MOVED = {
     "train.sample_prompt": "eval.sample_prompt", "train.sample_tokens": "eval.sample_tokens",
     "train.save_every": "checkpoint.every", "train.keep_last": "checkpoint.keep_last",
     "paths.checkpoint_dir": "checkpoint.dir", "paths.log_dir": "logging.dir",
+    "train.max_nonfinite_steps": "health.max_consecutive",  # non-finite steps are health events now
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import child_env, run_torchrun, tiny_overrides
 from test_trainer import make_trainer
-from utils.train.trainer import TrainingDiverged
+from utils.train.health import TrainingDiverged
 
 HELPER = "tests/helpers/poison_rank.py"
 
@@ -29,10 +29,10 @@ def test_fp16_trains_on_after_a_non_finite_step(tiny_data, tmp_path):
     hook = nan_loss(trainer)
     _, _, applied = trainer.train_step()
     hook.remove()
-    assert not applied and trainer.nonfinite_streak == 1 and trainer.skipped_steps == 1
+    assert not applied and trainer.guard.streak == 1 and trainer.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())
     results = [trainer.train_step() for _ in range(3)]
-    assert trainer.nonfinite_streak == 0 and all(math.isfinite(loss) for loss, _, _ in results)
+    assert trainer.guard.streak == 0 and all(math.isfinite(loss) for loss, _, _ in results)
 
 
 def test_fp16_max_nonfinite_steps_stops_the_run(tiny_data, tmp_path):

@@ -12,7 +12,8 @@ from utils.distributed.process_group import DistInfo
 from utils.metrics.logger import MetricsLogger
 from utils.train.optim import build_optimizer, lr_at, newton_schulz
 from utils.train.run import build_trainer, load_data, resolve_run_precision
-from utils.train.trainer import Trainer, TrainingDiverged
+from utils.train.health import TrainingDiverged
+from utils.train.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
@@ -71,15 +72,16 @@ def test_non_finite_gradient_skips_the_update(tiny_data, tmp_path):
     hook.remove()
     assert not applied and math.isnan(norm) and trainer.skipped_steps == 1 and trainer.step == 2
     assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())
-    assert trainer.train_step()[2] and trainer.nonfinite_streak == 0
+    assert trainer.train_step()[2] and trainer.guard.streak == 0
 
 
 def test_repeated_non_finite_steps_stop_the_run(tiny_data, tmp_path):
-    """max_nonfinite_steps in a row raise TrainingDiverged with the fix in the message."""
+    """health.max_consecutive non-finite steps in a row raise TrainingDiverged with the fix in the message; the old
+    key train.max_nonfinite_steps still sets it."""
     trainer = make_trainer(tiny_data, tmp_path, train__max_nonfinite_steps=2)
     trainer.raw.blocks[0].mlp.fc.weight.register_hook(lambda g: g * float("inf"))
     trainer.train_step()
-    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row.*Lower optim.lr"):
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 steps in a row.*lower optim.lr"):
         trainer.train_step()
 
 

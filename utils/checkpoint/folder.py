@@ -148,6 +148,11 @@ class Checkpointer:
                 from utils.checkpoint import sharded as sharded_checkpoint
 
                 sharded_checkpoint.remove_stale_temporaries(self.dir)
+        self.record_config(config_yaml)
+
+    def record_config(self, config_yaml: str) -> None:
+        """config.yaml, rewritten when the run changes a setting itself (the micro-batch after out-of-memory)."""
+        if self.info.is_main:
             atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
 
     def _collective(self, write: Callable[[], Path]) -> Path:

@@ -130,6 +130,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.text(tag, text, step)
 
+    def event(self, step: int, row: dict[str, object], tag: str, line: str) -> None:
+        """An event (run health): its row in metrics.jsonl, a mark and its line in TensorBoard."""
+        if self.tb is not None:
+            self.jsonl.row(step, row)
+            self.tb.add_scalar(f"{tag}/event", 1.0, step)  # a mark on the timeline at the event's step
+            self.tb.add_text(tag, line, step)
+        if self.wandb is not None:
+            self.wandb.text(tag, line, step)
+
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         if self.tb is not None:
             self.tb.add_hparams(hparams, metrics, run_name=".")

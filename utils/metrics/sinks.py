@@ -28,8 +28,10 @@ class JsonlSink:
         self.file = open(path, "a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        row = {k: (float(v) if math.isfinite(v) else None) for k, v in values.items()}
-        self.file.write(json.dumps({"step": step, "wall_time": time.time(), **row}) + "\n")
+        self.row(step, {k: (float(v) if math.isfinite(v) else None) for k, v in values.items()})
+
+    def row(self, step: int, values: dict[str, object]) -> None:
+        self.file.write(json.dumps({"step": step, "wall_time": time.time(), **values}) + "\n")
 
     def close(self) -> None:
         self.file.close()

@@ -36,9 +36,11 @@ from utils.distributed.process_group import DistInfo, broadcast_object, gather_o
 from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import MetricsLogger, ThroughputMeter
+from utils.train.oom import adopt_backoff
 from utils.train.optim import build_optimizer, build_scheduler
 from utils.precision import Precision, autocast_context, grad_scaler, resolve_precision
 from utils.metrics.sinks import require_wandb
+from utils.train.sanity import start_warnings
 from utils.train.stopping import StopFlag
 from utils.train.trainer import Trainer
 from utils.train.validation import Validator
@@ -275,8 +277,16 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     if resumed:
         check_fits(cfg, *resumed)
     cfg, precision = resolve_run_precision(cfg, info, resumed[1] if resumed else None)
+    backoff = None
+    if resumed:
+        cfg, backoff = adopt_backoff(cfg, resumed[1][ckpt.CONFIG])
     plan, val_data = load_data(cfg, info)
     Validator.check_feasible(val_data, cfg.eval)
+    notes = start_warnings(cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
+    notes += [backoff] if backoff else []
+    if info.is_main:
+        for line in notes:  # on the console now, in the log file once it exists
+            print(line)
     check_memory(cfg, info)
     require_wandb(cfg.logging)
     if info.is_main:
@@ -289,6 +299,8 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
                            logging=cfg.logging, config=config_to_dict(cfg))
     try:
         logger.file_only(config_to_yaml(cfg).rstrip())
+        for line in notes:
+            logger.file_only(line)
         with StopFlag() as stop:
             trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap, stop, checkpointer)
             for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):

@@ -20,17 +20,13 @@ from models.config import Config
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
-from utils.distributed.process_group import (DistInfo, all_reduce_mean, all_reduce_sum, gather_object, maybe_no_sync,
-                                             unwrap)
-from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from utils.distributed.process_group import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
+from utils.errors import EXIT_OK, EXIT_PREEMPTED
 from utils.metrics.logger import MetricsLogger, ThroughputMeter, format_seconds
 from utils.distributed.parallel import clip_grad_norm
+from utils.train.guard import HealthGuard
 from utils.train.stopping import StopFlag
 from utils.train.validation import Validator
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 def due(step: int, every: int) -> bool:
@@ -52,22 +48,29 @@ class Trainer:
         self.run_config = config_to_dict(config)  # stored in every checkpoint, so inference needs nothing else
         self.step = 0
         self.best_val_loss = math.inf
-        self.nonfinite_streak = 0
         self.skipped_steps = 0
         self._losses: list[float] = []
+        self.guard = HealthGuard(self, config.health)
 
     # -- state ---------------------------------------------------------------------------------
+    @property
+    def data_step(self) -> int:
+        """The step whose windows this step trains on: ahead of `step` by the windows rollbacks skipped."""
+        return self.step + self.guard.data_offset
+
     def state_dict(self) -> dict:
-        epoch, step_in_epoch = self.plan.position(self.step)
+        epoch, step_in_epoch = self.plan.position(self.data_step)
         return {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "world_size": self.info.world_size,
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.step * self.meter.tokens_per_step,
-                "nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps,
-                "train_seconds": self.meter.train_seconds}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.meter.train_seconds,
+                "health": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
-        self.nonfinite_streak, self.skipped_steps = state["nonfinite_streak"], state["skipped_steps"]
+        self.skipped_steps = state["skipped_steps"]
         self.meter.train_seconds = state["train_seconds"]
+        if "health" in state:  # absent in checkpoints from before run health
+            self.guard.load_state_dict(state["health"])
 
     def extra_state(self) -> dict:
         """Everything but the weights and optimizer state needed to continue exactly; collective
@@ -90,60 +93,68 @@ class Trainer:
             self.log.info(f"warning: checkpoint saved by {len(rngs)} processes, resuming on {self.info.world_size}; "
                           "the data order is unchanged but dropout noise will differ from an uninterrupted run")
         ckpt.set_rng_state(rngs[self.info.rank % len(rngs)])
+        self.guard.resumed()
         self.log.info(f"resumed from {source} at step {self.step}")
 
     # -- one optimizer step --------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, bool]:
-        """Forward/backward over all micro-steps, then one update. Returns (loss, grad norm, applied).
+    def accumulate(self) -> torch.Tensor:
+        """Forward/backward over all micro-steps; the summed loss. Backs off on out-of-memory."""
+        while True:
+            try:
+                return self._micro_steps()
+            except torch.OutOfMemoryError:
+                pass  # handled outside the except block, whose traceback still holds the step's activations
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.out_of_memory()
 
-        One host sync per optimizer step, to read the loss and norm for the non-finite guard.
-        """
+    def _micro_steps(self) -> torch.Tensor:
         accum = self.cfg.grad_accum_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.info.device)
-        x, y = self.plan.batch(self.step, 0, self.info.device)
+        x, y = self.plan.batch(self.data_step, 0, self.info.device)
         for micro_step in range(accum):
             with maybe_no_sync(self.model, sync=micro_step == accum - 1):
                 with self.autocast:
                     _, loss = self.model(x, y)
                 if micro_step + 1 < accum:  # gather the next batch while the device works
-                    x, y = self.plan.batch(self.step, micro_step + 1, self.info.device)
+                    x, y = self.plan.batch(self.data_step, micro_step + 1, self.info.device)
                 # divide so the accumulated gradient is the mean over the global batch
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
+        return loss_sum
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """Forward/backward over all micro-steps, judge the step, then one update (or none).
+        Returns (loss, grad norm, applied), the loss and norm averaged over ranks.
+
+        One host sync per optimizer step, to read the loss and norm the health guard judges.
+        """
+        loss_sum = self.accumulate()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = clip_grad_norm(self.raw, clip)
-        local = torch.stack([loss_sum / accum, norm.float()])
-        # decided over all ranks, so a rank whose loss alone is non-finite cannot step apart from the others
-        bad = all_reduce_sum((~torch.isfinite(local)).float(), self.info)
-        loss_value, norm_value, bad_loss, bad_norm = torch.cat([local, bad]).tolist()
-        # with a GradScaler an inf gradient norm is the scaler lowering its scale, not divergence
-        finite = not bad_loss and (not bad_norm or self.scaler.is_enabled())
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        if finite:
+        # one all-reduce: every rank judges the same numbers, so all reach the same verdict
+        stats = all_reduce_mean(torch.stack([loss_sum / self.cfg.grad_accum_steps, norm.float()]), self.info)
+        loss_value, norm_value = stats.tolist()
+        applied = False
+        if self.guard.judge(loss_value, norm_value):
+            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)  # fp16: the scaler itself skips steps with inf gradients
-        # every step, applied or not: the scaler forgets this step's unscale_ only in update(), and the
-        # gradients it read are all-reduced, so every rank moves its scale alike
-        self.scaler.update()
-        applied = finite and (scale_before is None or self.scaler.get_scale() >= scale_before)
+            applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        self.scaler.update()  # every step, applied or not, so the next unscale_ starts afresh
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.guard.settle():  # rolled back: the state is the snapshot's, nothing more to do
+            return loss_value, norm_value, False
         self.scheduler.step()
         self.step += 1
-        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.skipped_steps += not applied
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            raise TrainingDiverged(
-                f"loss or gradient norm was non-finite for {self.nonfinite_streak} steps in a row (step {self.step}); "
-                f"stopped without saving, so the last checkpoint in {self.checkpointer.dir} is intact. "
-                f"Lower optim.lr, raise schedule.warmup_steps or use train.precision=bf16")
+        self.guard.step_done()
         return loss_value, norm_value, applied
 
     # -- what the loop does when due -----------------------------------------------------------
     def log_progress(self, norm: float) -> None:
         """One line (and TensorBoard scalars) for the steps since the last one; collective."""
-        mean_loss = all_reduce_mean(torch.tensor(sum(self._losses) / len(self._losses), device=self.info.device),
-                                    self.info).item()
+        mean_loss = sum(self._losses) / len(self._losses)  # each already the mean over ranks
         self._losses = []
         tok_s = self.meter.tokens_per_sec()
         mfu = self.meter.mfu(tok_s / self.info.world_size)
@@ -171,6 +182,7 @@ class Trainer:
 
     def save(self) -> None:
         self.log.info(f"saved {self.checkpointer.save(self.raw, self.optimizer, self.extra_state(), self.step)}")
+        self.guard.take_snapshot()
 
     def stop_reason(self) -> str | None:
         """Why to stop after this step, the same on every rank; None to go on. Collective."""
@@ -188,6 +200,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, dynamic_ncols=True, leave=False,
                    disable=not (self.info.is_main and sys.stderr.isatty()))  # no bar in log files
         val: dict[str, float] = {}
+        self.guard.take_snapshot()
         while self.step < self.cfg.max_steps:
             self.last_lr = self.scheduler.get_last_lr()[-1]  # the AdamW group's rate for this step
             with self.meter.step():
@@ -211,6 +224,7 @@ class Trainer:
                    for k, v in self.run_config[section].items()}
         self.log.hparams(hparams, {"hparam/val_loss": val.get("loss", math.nan),
                                    "hparam/best_val_loss": self.best_val_loss})
+        self.log.info(self.guard.summary())
         self.log.info(f"done: {self.step} steps in {self.meter.train_seconds:.1f} s of training, "
                       f"best val loss {self.best_val_loss:.4f}")
         return EXIT_OK
