@@ -12,7 +12,7 @@ from models.config import Config, ConfigError
 
 def start_warnings(cfg: Config, val_shard_sizes: list[int], steps_per_epoch: int) -> list[str]:
     """One line per setting that wastes the run; raises ConfigError for one that defeats it."""
-    t, m, h = cfg.train, cfg.model, cfg.health
+    t, m = cfg.train, cfg.model
     steps = t.max_steps
     if t.stop_at_step > steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} is after train.max_steps={steps}, so it is never "
@@ -30,9 +30,6 @@ def start_warnings(cfg: Config, val_shard_sizes: list[int], steps_per_epoch: int
         out.append(f"model.context_length={m.context_length} is longer than every validation shard (largest "
                    f"{max(val_shard_sizes):,} bytes): each evaluated window spans shards (or the split is shorter "
                    f"than one window); prepare larger validation shards")
-    if h.arm_after >= steps:
-        out.append(f"health.arm_after={h.arm_after} is not shorter than the run: loss spikes are never judged "
-                   f"(non-finite steps still are)")
     if steps > 100 * steps_per_epoch:
         out.append(f"train.max_steps={steps} passes over the training split {steps // steps_per_epoch} times "
                    f"({steps_per_epoch} steps per epoch): the model will memorise it; prepare more text")
