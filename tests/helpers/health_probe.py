@@ -26,7 +26,7 @@ def probe(out: Path) -> None:
         armed = d.armed()
         row = {"step": self.t.step + 1, "loss": loss, "norm": norm,
                "loss_z": robust_z(loss, list(d.losses), self.cfg.min_rel_rise) if armed else None,
-               "norm_z": log_z(norm, list(d.norms)) if armed else None}
+               "norm_z": log_z(norm, list(d.log_norms)) if armed else None}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         return judge(self, loss, norm)

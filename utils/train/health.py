@@ -43,10 +43,10 @@ def robust_z(value: float, history: list[float], min_rel_rise: float) -> float:
     return (value - median) / max(MAD_TO_SIGMA * mad, min_rel_rise * abs(median), 1e-12)
 
 
-def log_z(norm: float, history: list[float]) -> float:
-    """How far log(norm) lies above the median of log(history), in robust deviations (each at least
-    log 1.05): grad norms vary by factors, not by amounts, with a heavy upper tail."""
-    median, mad = median_mad([math.log(max(h, 1e-30)) for h in history])
+def log_z(norm: float, log_history: list[float]) -> float:
+    """How far log(norm) lies above the median of the logs of past norms, in robust deviations (each at
+    least log 1.05): grad norms vary by factors, not by amounts, with a heavy upper tail."""
+    median, mad = median_mad(log_history)
     return (math.log(max(norm, 1e-30)) - median) / max(MAD_TO_SIGMA * mad, LOG_FLOOR)
 
 
@@ -61,7 +61,7 @@ class SpikeDetector:
     def __init__(self, cfg: HealthConfig) -> None:
         self.cfg = cfg
         self.losses: deque[float] = deque(maxlen=cfg.window)
-        self.norms: deque[float] = deque(maxlen=cfg.window)
+        self.log_norms: deque[float] = deque(maxlen=cfg.window)  # logs kept, not recomputed every step
 
     def armed(self) -> bool:
         return len(self.losses) >= max(self.cfg.arm_after, 1)
@@ -79,28 +79,28 @@ class SpikeDetector:
         if z_loss > self.cfg.loss_z:
             return "spike", f"loss {loss:.4f} is {z_loss:.1f} deviations above the median {median_mad(list(self.losses))[0]:.4f}"
         if self.cfg.grad_norm_z and math.isfinite(norm):
-            z_norm = log_z(norm, list(self.norms))
+            z_norm = log_z(norm, list(self.log_norms))
             if z_norm > self.cfg.grad_norm_z:
                 return "spike", (f"grad norm {norm:.4g} is {z_norm:.1f} deviations above the median "
-                                 f"{median_mad(list(self.norms))[0]:.4g}")
+                                 f"{math.exp(median_mad(list(self.log_norms))[0]):.4g}")
         return None, ""
 
     def accept(self, loss: float, norm: float) -> None:
         self.losses.append(loss)
         if math.isfinite(norm):
-            self.norms.append(norm)
+            self.log_norms.append(math.log(max(norm, 1e-30)))
 
     def reset(self) -> None:
         self.losses.clear()
-        self.norms.clear()
+        self.log_norms.clear()
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "norms": list(self.norms)}
+        return {"losses": list(self.losses), "log_norms": list(self.log_norms)}
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.losses.extend(state["losses"])
-        self.norms.extend(state["norms"])
+        self.log_norms.extend(state["log_norms"])
 
 
 @dataclass
