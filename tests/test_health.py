@@ -93,6 +93,30 @@ def test_rollback_ends_with_the_weights_of_a_run_that_never_saw_the_window(tiny_
     assert len(health) == 1 and health[0]["step"] == 200 and health[0]["health/event"] == "spike"
     assert health[0]["health/action"] == "rollback" and health[0]["health/data_steps"] == [151, 200]
     assert spiked.state_dict()["health"]["data_offset"] == 50  # in every checkpoint, so a resume reads on exactly
+    assert spiked.guard.summary() == "health: 1 event(s): 1 rollback (step 200); data steps skipped: 151-200"
+
+
+def test_a_resume_after_a_rollback_continues_exactly(tiny_data, tmp_path):
+    """Rolled back at step 46, saved at 50, resumed in a new trainer: the same weights at 60 as without the
+    interruption (the skipped windows travel in the checkpoint), and the summary still names the event."""
+    settings = dict(train__max_steps=60, health__arm_after=10, health__window=20, health__action="rollback",
+                    health__snapshot_every=10)
+    whole = make_trainer(tiny_data, tmp_path / "whole", **settings)
+    poison(whole, {45})
+    train_to(whole, 60)
+    first = make_trainer(tiny_data, tmp_path / "split", **settings)
+    first.checkpointer.dir.mkdir(parents=True)
+    poison(first, {45})
+    train_to(first, 50)
+    first.save()
+    path = first.checkpointer.dir / "step_0000050.pt"
+    second = make_trainer(tiny_data, tmp_path / "split", **settings)
+    poison(second, {45})
+    second.restore(second.checkpointer.load(path), str(path))
+    train_to(second, 60)
+    assert whole.guard.summary() == second.guard.summary() != "health: no events"
+    for a, b in zip(whole.raw.parameters(), second.raw.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("nan", [False, True], ids=["spike", "nonfinite"])

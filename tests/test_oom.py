@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import train_single
-from conftest import tiny_overrides
+from conftest import tb_runs, tiny_overrides
 from models.transformer import GPT
 from utils.checkpoint.format import load_checkpoint
 from utils.train.oom import smaller_micro_batch
@@ -53,6 +53,8 @@ def test_backed_off_run_ends_like_an_unbroken_run_at_the_smaller_micro_batch(tin
     assert train_single.main(big) == 0
     out = capsys.readouterr().out
     assert out.count("health: step 8: oom") == 2 and "train.batch_size=2 x train.grad_accum_steps=4" in out
+    (tb,) = tb_runs(tmp_path / "big" / "logs")
+    assert [e.step for e in tb.Scalars("health/event")] == [8, 8]
     for name, tensor in weights(tmp_path / "small").items():
         assert torch.allclose(tensor, weights(tmp_path / "big")[name], atol=1e-5), name
     recorded = yaml.safe_load((tmp_path / "big" / "ckpt" / "config.yaml").read_text())["train"]
