@@ -280,6 +280,7 @@ class HealthConfig:
     rollback_lr_factor: float = 1.0
     """rollback only: multiply the LR by this for rollback_lr_steps steps after a rollback; 1 = unchanged"""
     rollback_lr_steps: int = 0
+    """rollback only: for how many steps after a rollback the LR is lowered; 0 = not lowered"""
     oom_backoff: bool = True
     """on out-of-memory, retry the step with half the micro-batch and twice the accumulation (same global batch)"""
     memory_history: bool = False
