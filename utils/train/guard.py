@@ -37,6 +37,7 @@ class HealthGuard:
         self._after_resume: list[float] | None = None
         self._before_resume: list[float] = []
         self.memory_history = cfg.memory_history and start_memory_history(trainer.info.device)
+        self.take_snapshot()  # fit() takes it again after a resume; this one serves a caller of train_step alone
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -94,13 +95,16 @@ class HealthGuard:
             back_to = self.snapshot.trainer_state["step"]
             # 1-based, as steps are named: data step k holds the windows step k trains on when nothing was skipped
             event.data_steps = (back_to + self.data_offset + 1, self.t.step + self.data_offset + 1)
+            if self.cfg.rollback_lr_steps and self.cfg.rollback_lr_factor < 1:
+                event.detail += (f"; back to step {back_to} with the LR x{self.cfg.rollback_lr_factor} until step "
+                                 f"{back_to + self.cfg.rollback_lr_steps}")
         self._report(event)
         self.streak += 1
         if self.streak >= self.cfg.max_consecutive:
             what = "non-finite" if event.event == "nonfinite" else "spiking"
             raise TrainingDiverged(f"loss or gradient norm was {what} for {self.streak} steps in a row (step "
-                               f"{event.step}); stopped without saving, so the last checkpoint in "
-                               f"{self.t.checkpointer.dir} is intact; {FIX}")
+                                   f"{event.step}); stopped without saving, so the last checkpoint in "
+                                   f"{self.t.checkpointer.dir} is intact; {FIX}")
         if event.action == "stop":
             self.t.save()
             raise RunUnhealthy(f"health.action=stop: {event.event} at step {event.step} ({event.detail}); "
@@ -123,9 +127,6 @@ class HealthGuard:
         self.rollbacks += 1
         self.lr_scale_until = t.step + self.cfg.rollback_lr_steps
         self.scale_lr()
-        t.log.info(f"health: rolled back to step {t.step}; data steps {skipped[0]}-{skipped[1]} will not be trained on"
-                   + (f"; LR x{self.cfg.rollback_lr_factor} until step {self.lr_scale_until}"
-                      if self.cfg.rollback_lr_steps and self.cfg.rollback_lr_factor < 1 else ""))
 
     def step_done(self) -> None:
         """After the step counted: the LR of a recovery, and the snapshot when due."""

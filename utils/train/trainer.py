@@ -217,6 +217,7 @@ class Trainer:
                 self.save()
             if stop:
                 bar.close()
+                self.log.info(self.guard.summary())
                 self.log.info(f"{stop}: stopped at step {self.step}; continue with --resume auto")
                 return EXIT_PREEMPTED if stop.startswith("stop signal") else EXIT_OK
         bar.close()
