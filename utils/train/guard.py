@@ -25,6 +25,8 @@ FIX = "lower optim.lr, raise schedule.warmup_steps or use train.precision=bf16"
 
 
 class HealthGuard:
+    """The Trainer's health: the detector, the actions, the out-of-memory back-off and the record of events."""
+
     def __init__(self, trainer: Any, cfg: HealthConfig) -> None:  # the Trainer that owns it (and imports this)
         self.t, self.cfg = trainer, cfg
         self.detector = SpikeDetector(cfg)
