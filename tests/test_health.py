@@ -199,13 +199,13 @@ def test_a_resume_on_other_data_is_reported_in_one_line(tiny_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_roll_back_together_to_the_run_that_never_saw_the_window(tiny_data, tmp_path, strategy):
-    """2 gloo ranks, rank 1's loss NaN at step 8 (only there): both ranks roll back to step 5 on the same verdict
+    """2 gloo ranks with accumulation, rank 1's loss NaN at step 8 (only there): both ranks roll back to step 5 on the same verdict
     and end bit for bit where a 2-rank run that skipped data steps 6-8 ends."""
     runs = {}
     for name, env in (("spiked", {"POISON": "7", "POISON_NAN_RANK": "1"}), ("clean", {"SKIP_AHEAD": "5:3"})):
         overrides = tiny_overrides(tiny_data, tmp_path / name, train__max_steps=12, train__eval_every=0,
-                                   train__save_every=0, health__action="rollback", health__snapshot_every=5,
-                                   distributed__strategy=strategy)
+                                   train__save_every=0, train__batch_size=2, train__grad_accum_steps=2,
+                                   health__action="rollback", health__snapshot_every=5, distributed__strategy=strategy)
         runs[name] = run_torchrun(2, HELPER, "--device", "cpu", *overrides, env=child_env(**env), check=True)
     assert "health: step 8: nonfinite" in runs["spiked"].stdout and "data steps 6-8" in runs["spiked"].stdout
     assert "health: no events" in runs["clean"].stdout
