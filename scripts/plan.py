@@ -2,10 +2,11 @@
 
     python -m scripts.plan --config configs/gpt2_small.yaml --world-size 8 --device-memory 80GiB
     python -m scripts.plan --config configs/default_config.yaml distributed.strategy=fsdp --world-size 4 --json
+    python -m scripts.plan --config configs/gpt2_small.yaml --device-memory 80GiB --peak-tflops 989  # an H100, from here
 
 Nothing is allocated: parameters come from the model built on the meta device, activations from its
-forward run on fake tensors (utils/memory_plan.py says what the peak is made of). The time is the
-model FLOPs of a step (utils/flops.py) over the device's peak FLOP/s times an assumed MFU (--mfu).
+forward run on fake tensors (utils/train/memory_plan.py says what the peak is made of). The time is the
+model FLOPs of a step (utils/metrics/flops.py) over the device's peak FLOP/s times an assumed MFU (--mfu).
 `--json` prints one object; `peak_bytes` is the predicted peak per rank. The check against measured
 peaks is scripts/plan_check.py (docs/benchmarks.md).
 """
@@ -23,10 +24,10 @@ from models.config import Config, ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, resolve_device
 from utils.errors import ArgumentParser, run_cli
-from utils.flops import flops_per_token, peak_flops
-from utils.memory_plan import MemoryPlan, meta_model, plan_memory
-from utils.metrics import format_seconds
+from utils.metrics.flops import flops_per_token, peak_flops
+from utils.metrics.logger import format_seconds
 from utils.precision import resolve_precision
+from utils.train.memory_plan import meta_model, plan_memory
 
 DEFAULT_MFU = 0.4
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -56,8 +57,10 @@ def keep_global_batch(per_rank: int, largest: int) -> tuple[int, int]:
     return batch, (per_rank // batch if batch else 0)
 
 
-def make_plan(cfg: Config, world_size: int, device: torch.device, memory: int, mfu: float) -> dict:
-    """Everything the planner reports, as plain values (the --json object)."""
+def make_plan(cfg: Config, world_size: int, device: torch.device, memory: int, mfu: float,
+              peak_tflops: float | None = None) -> dict:
+    """Everything the planner reports, as plain values (the --json object); peak_tflops replaces the
+    device's own peak, to plan for a device the planner does not run on."""
     t, m = cfg.train, cfg.model
     precision = resolve_precision(t.precision, device, m, t.batch_size).name
     plan = plan_memory(cfg, world_size, device, precision)
@@ -66,7 +69,7 @@ def make_plan(cfg: Config, world_size: int, device: torch.device, memory: int, m
     non_embedding = meta_model(m).num_params(non_embedding=True)
     global_batch = t.batch_size * t.grad_accum_steps * world_size
     step_flops = flops_per_token(non_embedding, m.n_layers, m.dim, m.context_length) * global_batch * m.context_length
-    peak, peak_source = peak_flops(device, precision)
+    peak, peak_source = (peak_tflops * 1e12, "--peak-tflops") if peak_tflops else peak_flops(device, precision)
     # checkpointing runs each block's forward twice: 8 of every 6 model FLOPs per token are executed
     executed = step_flops * (8 / 6 if t.activation_checkpointing else 1.0)
     step_s = executed / (world_size * peak * mfu) if peak else None
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory of one rank's device, e.g. 80GiB (default: this device's total)")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"assumed model FLOPs utilisation for the time estimate (default {DEFAULT_MFU})")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak TFLOP/s for the time estimate, e.g. 989 (H100 bf16) (default: this device's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
     def body() -> int:
@@ -156,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--world-size must be at least 1 (got {args.world_size})")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], e.g. 0.4 (got {args.mfu})")
+        if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+            raise ConfigError(f"--peak-tflops must be a positive number, e.g. 989 (got {args.peak_tflops})")
         cfg = load_config(args.config, overrides)
         memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
         device = resolve_device(args.device)
-        plan = make_plan(cfg, args.world_size, device, memory or device_memory(device), args.mfu)
+        plan = make_plan(cfg, args.world_size, device, memory or device_memory(device), args.mfu, args.peak_tflops)
         print(json.dumps(plan) if args.json else "\n".join(report(plan)))
         return 0
 

@@ -31,8 +31,8 @@ from models.config import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli
-from utils.memory_plan import plan_memory
 from utils.precision import resolve_precision
+from utils.train.memory_plan import plan_memory
 
 BASELINE = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_dim=64", "model.context_length=16",
             "train.batch_size=1", "train.grad_accum_steps=1"]

@@ -1,4 +1,4 @@
-"""The planner (scripts/plan.py, utils/memory_plan.py): its counts against a real GPT, the peak
+"""The planner (scripts/plan.py, utils/train/memory_plan.py): its counts against a real GPT, the peak
 against the live tensor bytes of a real training step, the micro-batch search, --json, bad input."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from models.config import ModelConfig
 from models.config_loader import load_config
 from models.transformer import GPT
 from scripts import plan as plan_cli
-from utils.memory_plan import count_saved_bytes, plan_memory, shard_numel
-from utils.optim import build_optimizer
 from utils.precision import autocast_context
+from utils.train.memory_plan import count_saved_bytes, plan_memory, shard_numel
+from utils.train.optim import build_optimizer
 
 CPU = torch.device("cpu")
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64", "model.context_length=16",
@@ -169,7 +169,8 @@ def test_keep_global_batch(per_rank, largest):
 
 def test_json_has_every_figure_and_the_peak(capsys):
     """--json prints one object; peak_bytes is the memory plan's peak at the configured micro-batch."""
-    args = ["--json", "--device", "cpu", "--world-size", "2", "--device-memory", "1GiB", *TINY,
+    args = ["--json", "--device", "cpu", "--world-size", "2", "--device-memory", "1GiB", "--peak-tflops", "100",
+            "--mfu", "0.5", *TINY,
             "distributed.strategy=fsdp"]
     assert plan_cli.main(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -180,6 +181,7 @@ def test_json_has_every_figure_and_the_peak(capsys):
     assert out["peak_bytes"] == plan_memory(cfg, 2, CPU, "fp32").peak_bytes(3)
     assert out["device_memory_bytes"] == 2 ** 30 and out["fits"] is True
     assert out["keep_global_batch"] == {"batch_size": 3, "grad_accum_steps": 1}
+    assert out["seconds_per_step"] == pytest.approx(out["flops_per_step"] / (2 * 100e12 * 0.5))
 
 
 def test_report_names_each_figure(capsys):
@@ -197,6 +199,7 @@ def test_report_names_each_figure(capsys):
     (["--world-size", "0"], "--world-size must be at least 1"),
     (["--world-size", "two"], "invalid int value"),
     (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["--peak-tflops", "-3"], "--peak-tflops must be a positive number"),
     (["--bogus"], "unrecognized argument: --bogus"),
 ])
 def test_bad_input_is_one_line(capsys, argv, fragment):

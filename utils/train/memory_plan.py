@@ -7,16 +7,20 @@ model code as it is (autocast copies, dropout masks, the attention kernel's choi
 checkpointing) rather than a formula that can drift from it.
 
 The peak per rank is the largest of three moments of a step, after the first step has created the
-optimizer state (W weights, O optimizer state, G gradients, A saved activations, all per rank):
-- the start of backward: W + O + kept G + A + the loss gradient (two fp32 (B, T, vocab) tensors);
-- the end of backward: W + O + all of G (the activations are freed by then);
-- the optimizer step: W + O + all of G + Muon's temporaries (a few copies of its largest matrix).
+optimizer state (W weights, O optimizer state, G gradients, per rank):
+- early in backward: W + O + kept G + every saved activation + the loss gradient (two fp32
+  (B, T, vocab) tensors) or a block's backward (its widest activation gradient; checkpointed, its
+  recomputed activations);
+- the last block's backward: W + O + every gradient but that block's + its activations, which is
+  the peak under activation checkpointing;
+- the optimizer step: W + O + G + Muon's temporaries (a few copies of its largest matrix).
 "Kept G" is gradient memory that lives across steps: DDP's buckets, and every gradient when
-micro-batches accumulate. FSDP adds what it gathers: the root's parameters (embeddings, final norm,
-head; not resharded between forward and backward), the block being computed and the next one it
-prefetches, and that block's unsharded gradient. This is FSDP built on the meta device, each rank
-materialising only its shards; a rank that first builds the whole model peaks at least at its fp32
-weights at start-up.
+micro-batches accumulate. FSDP adds what it gathers during backward: the root's parameters
+(embeddings, final norm, head; not resharded between forward and backward), the block being
+computed and the next one it prefetches, and that block's unsharded gradient. This is FSDP built
+on the meta device, each rank materialising only its shards; a rank that first builds the whole
+model peaks at least at its fp32 weights at start-up. Tensor bytes only: a CPU allocator that keeps
+freed memory resident adds to it (scripts/plan_check.py).
 """
 
 from __future__ import annotations
