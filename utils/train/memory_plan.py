@@ -55,15 +55,21 @@ def unique_params(module: nn.Module) -> list[torch.Tensor]:
     return list({id(p): p for p in module.parameters()}.values())  # the tied head counts once
 
 
-def count_saved_bytes(cfg: ModelConfig, batch: int, device: torch.device, precision: str,
-                      checkpointing: bool) -> tuple[int, int]:
+def count_saved_bytes(cfg: ModelConfig, batch: int, device: torch.device, precision: str, checkpointing: bool,
+                      param_dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(inside the blocks, outside them): bytes autograd saves for backward in one training forward of
-    `batch` sequences, parameters excluded, each storage once however many views of it are saved."""
+    `batch` sequences, parameters excluded, each storage once however many views of it are saved.
+    param_dtype bf16: the weights are bf16 already, as FSDP's gathered ones, so autocast saves no copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # private, but present in every torch >= 2.1
 
     with FakeTensorMode():
-        with torch.device(device.type):
-            model = GPT(cfg)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(param_dtype)  # Module.to cannot swap fake parameters; build them in it
+        try:
+            with torch.device(device.type):
+                model = GPT(cfg)
+        finally:
+            torch.set_default_dtype(default)
         model.train()
         model.activation_checkpointing = checkpointing
         params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -99,15 +105,17 @@ class Activations:
         return self.fixed + self.per_sequence * batch
 
 
-def activations(cfg: ModelConfig, device: torch.device, precision: str) -> tuple[Activations, ...]:
+def activations(cfg: ModelConfig, device: torch.device, precision: str,
+                param_dtype: torch.dtype) -> tuple[Activations, ...]:
     """(inside the blocks, outside them, outside them under checkpointing), each counted at one and two
     sequences: every saved tensor but a few constants scales with the batch. Under checkpointing
     nothing inside a block is kept; its input is saved by the checkpoint call, outside it."""
     def fit(one: int, two: int) -> Activations:
         return Activations(per_sequence=two - one, fixed=2 * one - two)
 
-    (blocks1, out1), (blocks2, out2) = (count_saved_bytes(cfg, b, device, precision, False) for b in (1, 2))
-    (_, ck1), (_, ck2) = (count_saved_bytes(cfg, b, device, precision, True) for b in (1, 2))
+    (blocks1, out1), (blocks2, out2) = (count_saved_bytes(cfg, b, device, precision, False, param_dtype)
+                                        for b in (1, 2))
+    (_, ck1), (_, ck2) = (count_saved_bytes(cfg, b, device, precision, True, param_dtype) for b in (1, 2))
     return fit(blocks1, blocks2), fit(out1, out2), fit(ck1, ck2)
 
 
@@ -225,6 +233,8 @@ def plan_memory(cfg: Config, world_size: int, device: torch.device, precision: s
     block_params = max(sum(local[id(p)] for p in block.parameters()) for block in model.blocks)
     m = cfg.model
     width = 2 * m.ffn_dim if m.activation == "swiglu" else m.ffn_dim
+    # FSDP's bf16 policy gathers the weights in bf16 (utils/distributed/parallel.py)
+    gathered_dtype = torch.bfloat16 if fsdp and precision == "bf16" else torch.float32
     return MemoryPlan(
         parameters=sum(p.numel() for p in params), parameters_per_rank=per_rank,
         weights=FP32 * per_rank, gradients=FP32 * per_rank, block_gradients=FP32 * block_params,
@@ -233,7 +243,7 @@ def plan_memory(cfg: Config, world_size: int, device: torch.device, precision: s
         fsdp_gathered=fsdp_gathered_bytes(model, precision) if fsdp else 0,
         optimizer_temporary=temporary, gradients_kept=ddp or cfg.train.grad_accum_steps > 1,
         **dict(zip(("saved_blocks", "saved_outside", "saved_outside_checkpointed"),
-                   activations(m, device, precision))), n_layers=m.n_layers,
+                   activations(m, device, precision, gathered_dtype))), n_layers=m.n_layers,
         loss_gradient_per_sequence=2 * FP32 * m.context_length * m.vocab_size,
         block_gradient_per_sequence=DTYPES[precision].itemsize * m.context_length * width,
         checkpointing=cfg.train.activation_checkpointing)
