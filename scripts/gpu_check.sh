@@ -14,9 +14,11 @@
 #             + ~40 s of inductor for test_compile_on_gpu + a few s of training  190 s / 240 s
 #   bench     default 32x512 bf16, eager: start + 3 + 10 steps                    20 s /  60 s
 #   bench     default 32x512 bf16, compiled: + inductor, 6 blocks                 70 s / 100 s
+#   plan      scripts/plan_check: the planner's peak against max_memory_allocated,
+#             default 16x512 bf16 and a tiny baseline, eager                       30 s /  60 s
 #   bench     GPT-2 small 16x1024 bf16, eager                                     25 s /  60 s
 #   bench     GPT-2 small 16x1024 bf16, compiled: + inductor, 12 blocks          100 s / 130 s
-#   total                                                                        415 s
+#   total                                                                        445 s
 # The whole run stops at 470 s whatever happens: a step gets at most the time left and one with none left
 # reads "not run", so the script ends inside 8 minutes even if every step hangs. nanoGPT's side by side
 # (python -m scripts.vs_nanogpt --compiled) is outside this budget; run it on its own.
@@ -66,6 +68,8 @@ D=(--config configs/default_config.yaml train.batch_size=32 train.precision=bf16
 G=(--config configs/gpt2_small.yaml train.precision=bf16)
 bench bench_default 60 "${D[@]}"
 bench bench_default_compiled 100 "${D[@]}" train.compile=true
+step plan 60 "$PYTHON" -m scripts.plan_check --device cuda --config configs/default_config.yaml train.batch_size=16 \
+    train.precision=bf16
 bench bench_gpt2 60 "${G[@]}" train.compile=false
 bench bench_gpt2_compiled 130 "${G[@]}" train.compile=true
 "$PYTHON" -m scripts.gpu_check_report "$out"

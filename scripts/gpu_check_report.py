@@ -133,18 +133,36 @@ def benchmark_rows(out: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
     return checks, speed
 
 
+PLAN = "planner: predicted vs measured peak, default 16x512 bf16"
+PLAN_TOLERANCE = 0.15  # the planner's promise (README, "Plan a run before it starts")
+
+
+def plan_row(step: Step) -> tuple[str, str, str]:
+    """scripts/plan_check's JSON line: ok when the predicted peak is within the tolerance of the measured."""
+    if step.code != "0":
+        return step_row(PLAN, step)
+    try:
+        r = json.loads(step.log.strip().splitlines()[-1])
+        ratio, detail = r["ratio"], f"predicted {r['predicted_mib']:,.0f} MiB, measured {r['measured_mib']:,.0f} MiB"
+    except (ValueError, KeyError, IndexError, TypeError):
+        return PLAN, "FAILED", f"no result line: {last_line(step.log)}"
+    return PLAN, "ok" if abs(ratio - 1) <= PLAN_TOLERANCE else "FAILED", f"{detail} (ratio {ratio:.2f})"
+
+
 def report(out: Path, skip: str | None) -> int:
     """Print the table; 1 if anything failed or timed out."""
     if skip:
         checks = [("data: data/default/train-00000.bin", "skipped", skip)]
         checks += cuda_test_rows(read_step(out, "tests"), out / "tests.xml")
         checks += [(f"benchmark: {case}", "skipped", skip) for _, case in BENCHMARKS]
+        checks.append((PLAN, "skipped", skip))
         speed: list[str] = []
     else:
         checks = [step_row("data: data/default/train-00000.bin", read_step(out, "data"))]
         checks += cuda_test_rows(read_step(out, "tests"), out / "tests.xml")
         bench_checks, speed = benchmark_rows(out)
         checks += bench_checks
+        checks.append(plan_row(read_step(out, "plan")))
     print(f"\n## {time.strftime('%Y-%m-%d')} · scripts/gpu_check.sh" + (f" · {skip}" if skip else "") + "\n")
     print("| check | result | detail |\n|---|---|---|")
     for name, status, detail in checks:

@@ -65,7 +65,17 @@ def test_a_clean_run_exits_0_with_its_speed_table(tmp_path, capsys, mfu, shown):
     for step_id in ("bench_default", "bench_default_compiled", "bench_gpt2", "bench_gpt2_compiled"):
         compiled = {**BENCH, "compile": "on" if "compiled" in step_id else "off", "mfu": mfu}
         write_step(tmp_path, step_id, 0, json.dumps(compiled))
+    write_step(tmp_path, "plan", 0, "| ddp | 1 | ... |\n" + json.dumps({"ratio": 1.04, "predicted_mib": 5200.0,
+                                                                         "measured_mib": 5000.0}))
     assert report(tmp_path, None) == 0
     out = capsys.readouterr().out
     assert "| test_a | ok | 4 s |" in out and "| test_b | skipped | needs 2 CUDA devices |" in out
     assert out.count(f"| {shown} |") == 4 and "every check that ran passed" in out
+    assert "| planner: predicted vs measured peak, default 16x512 bf16 | ok | predicted 5,200 MiB, measured 5,000 " \
+           "MiB (ratio 1.04) |" in out
+
+
+def test_a_planner_off_by_more_than_its_tolerance_fails(tmp_path, capsys):
+    write_step(tmp_path, "plan", 0, json.dumps({"ratio": 1.3, "predicted_mib": 6500.0, "measured_mib": 5000.0}))
+    assert report(tmp_path, None) == 1
+    assert "| planner: predicted vs measured peak, default 16x512 bf16 | FAILED |" in capsys.readouterr().out
