@@ -232,7 +232,7 @@ class GPT(nn.Module):
                     cached = idx.size(1) - start
                 else:
                     logits, _ = self(idx[:, start:])
-                token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, token[:, None]], dim=1)
                 yield token
         finally:
@@ -241,7 +241,10 @@ class GPT(nn.Module):
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
     """Scale by temperature, then keep the top_k tokens and the smallest nucleus of mass >= top_p."""
-    logits = logits / temperature
+    # In float64 (a temperature of 1e-300 is 0 in float32) with the maximum shifted to 0: a tiny
+    # temperature then sends the others to -inf (the greedy limit) instead of inf - inf = NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
 from utils.text import unescape
@@ -75,6 +76,20 @@ def test_top_p_keeps_only_the_nucleus():
     assert set(sample_next(logits, 1.0, top_p=0.45, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
     assert set(sample_next(logits, 1.0, top_k=3, top_p=0.99, generator=torch.Generator().manual_seed(0)).tolist()) \
         == {1, 3, 4}
+
+
+@settings(max_examples=60, deadline=None)
+@given(temperature=st.floats(min_value=0, allow_infinity=False),
+       top_p=st.none() | st.floats(min_value=0, max_value=1, exclude_min=True),
+       top_k=st.none() | st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_sampling_draws_a_token_at_any_accepted_setting(temperature, top_p, top_k, scale):
+    """Any temperature >= 0 and top-p in (0, 1] the CLI accepts draws a token; a temperature too
+    small to divide by reaches greedy, its limit, instead of NaN probabilities."""
+    logits = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * scale
+    tokens = sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+    assert tokens.shape == (4,) and ((tokens >= 0) & (tokens < 256)).all()
+    if 0 < temperature < 1e-30:
+        assert torch.equal(tokens, logits.argmax(-1))
 
 
 def test_text_stream_never_prints_a_broken_character():
