@@ -138,6 +138,17 @@ def test_skip_leaves_the_weights_unchanged_at_that_step(tiny_data, tmp_path, nan
     assert trainer.train_step()[2]
 
 
+def test_skip_takes_a_rise_that_persists_as_the_new_level(tiny_data, tmp_path):
+    """Every window from step 46 on has random targets: skipping cannot undo that, so after
+    health.max_consecutive skips the detector re-arms on the new level and training goes on."""
+    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=80, health__arm_after=10, health__window=20)
+    poison(trainer, set(range(45, 1000)))
+    train_to(trainer, 80)
+    assert [(e.step, e.event, e.action) for e in trainer.guard.events] == [
+        *[(step, "spike", "skip") for step in range(46, 51)], (50, "level", "rebase")]
+    assert trainer.skipped_steps == 5
+
+
 def test_stop_saves_the_state_before_the_spike_and_exits_with_one_line(tiny_data, tmp_path):
     """health.action=stop: a checkpoint of the step before the event, then RunUnhealthy (one line, exit 2)."""
     trainer = make_trainer(tiny_data, tmp_path, train__max_steps=60, health__arm_after=10, health__window=20,

@@ -40,10 +40,23 @@ def commands() -> list[str]:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#[^'\"]*$", "", line).strip()
-            if line and not line.startswith("#"):
+            line = without_comment(line).strip()
+            if line:
                 out.append(line)
     return out
+
+
+def without_comment(line: str) -> str:
+    """The line up to its first `#` that starts a word outside quotes (bash's rule for comments)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
 
 
 def make_inputs(repo: Path) -> None:

@@ -102,7 +102,9 @@ class HealthGuard:
                                  f"{back_to + self.cfg.rollback_lr_steps}")
         self._report(event)
         self.streak += 1
-        if self.streak >= self.cfg.max_consecutive:
+        if self.streak >= self.cfg.max_consecutive and event.event == "spike" and event.action == "skip":
+            self._rebase(event)
+        elif self.streak >= self.cfg.max_consecutive:
             what = "non-finite" if event.event == "nonfinite" else "spiking"
             raise TrainingDiverged(f"loss or gradient norm was {what} for {self.streak} steps in a row (step "
                                    f"{event.step}); stopped without saving, so the last checkpoint in "
@@ -115,6 +117,17 @@ class HealthGuard:
             self._rollback(event)
             return False
         return True
+
+    def _rebase(self, event: HealthEvent) -> None:
+        """Skipped updates leave the weights as they were, so a rise that outlasts max_consecutive of them
+        is not undone by skipping more (it is in the data, or in the weights from before): it becomes the
+        level the detector judges from, and training goes on (non-finite steps still stop the run)."""
+        self.streak = 0
+        self.detector.reset()
+        self._report(HealthEvent(event.step, "level", "rebase",
+                                 f"the loss stayed up for {self.cfg.max_consecutive} skipped updates; judged from "
+                                 f"this level after health.arm_after={self.cfg.arm_after} steps (health.action="
+                                 f"rollback returns to the last snapshot instead)"))
 
     def _rollback(self, event: HealthEvent) -> None:
         if self.rollbacks >= self.cfg.max_rollbacks:

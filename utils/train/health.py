@@ -27,7 +27,7 @@ class RunUnhealthy(UserError):
 
 
 class TrainingDiverged(RunUnhealthy):
-    """health.max_consecutive unhealthy steps in a row (non-finite or spiking)."""
+    """health.max_consecutive unhealthy steps in a row (non-finite, or spiking under rollback, stop or log)."""
 
 
 def median_mad(values: list[float]) -> tuple[float, float]:
@@ -107,8 +107,8 @@ class SpikeDetector:
 class HealthEvent:
     """One event, as written to metrics.jsonl under health/ and kept in the checkpoint."""
     step: int
-    event: str  # nonfinite | spike | oom | resume_jump
-    action: str  # skip | rollback | stop | log | backoff | warn
+    event: str  # nonfinite | spike | level | oom | resume_jump
+    action: str  # skip | rollback | stop | log | rebase | backoff | warn
     detail: str
     data_steps: tuple[int, int] | None = None  # the data windows (as data steps, inclusive) never trained on
 

@@ -165,15 +165,13 @@ def git_revision() -> str:
         return "unknown"
 
 
-def maybe_compile(model: nn.Module, enabled: bool, batch: tuple[torch.Tensor, torch.Tensor],
-                  autocast: AbstractContextManager, log: MetricsLogger) -> nn.Module:
+def compile_or_eager(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                     autocast: AbstractContextManager, log: MetricsLogger) -> nn.Module:
     """torch.compile, tried on the first training batch itself; eager with a warning if compilation fails.
 
     The first batch, not a batch-shaped stand-in: its inputs are views into the (B, T + 1) windows, and
     dynamo guards on strides, so a contiguous stand-in compiles a graph the first real step cannot use
     (it would compile again there, outside this fallback)."""
-    if not enabled:
-        return model
     compiled = torch.compile(model)
     x, y = batch
     try:
@@ -227,7 +225,8 @@ def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: Batch
     model.activation_checkpointing = t.activation_checkpointing
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
     autocast = autocast_context(info.device, precision.name)
-    model_for_training = maybe_compile(model, t.compile, plan.batch(0, 0, info.device), autocast, logger)
+    model_for_training = (compile_or_eager(model, plan.batch(0, 0, info.device), autocast, logger) if t.compile
+                          else model)  # an eager run reads no batch before its first step
     model_for_training = wrap(model_for_training, precision) if wrap else model_for_training
     optimizer = build_optimizer(model, cfg.optim, info.device, precision.name)
     peak, peak_source = peak_flops(info.device, precision.name)
