@@ -3,6 +3,7 @@ write, and resume continuity (utils/health.py, utils/guard.py)."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -136,6 +137,19 @@ def test_skip_leaves_the_weights_unchanged_at_that_step(tiny_data, tmp_path, nan
     if hook:
         hook.remove()
     assert trainer.train_step()[2]
+
+
+def test_a_skipped_first_step_warns_nothing(tiny_data, tmp_path):
+    """A non-finite first step is skipped with one health event and no warning (torch's LR scheduler
+    warns when it steps before the optimizer ever did; that is the skip working, not a misuse)."""
+    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=5)
+    hook = trainer.raw.register_forward_hook(lambda m, args, out: (out[0], out[1] * math.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not trainer.train_step()[2]
+        hook.remove()
+        assert trainer.train_step()[2]
+    assert [(e.step, e.event) for e in trainer.guard.events] == [(1, "nonfinite")]
 
 
 def test_skip_takes_a_rise_that_persists_as_the_new_level(tiny_data, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -145,7 +146,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not self.guard.settle():  # rolled back: the state is the snapshot's, nothing more to do
             return loss_value, norm_value, False
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update (fp16 overflow, health) is not a misuse
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         self.skipped_steps += not applied
         self.guard.step_done()
