@@ -1,11 +1,16 @@
 """Compare config variants at a fixed wall-clock training budget, several seeds each.
 
-    python -m scripts.ablate --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 \\
+    python -m scripts.ablate --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 3 \\
         --variant base --variant "rope:model.pos_emb=rope" --variant "muon:optim.name=muon"
 
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
 schedule is then planned for exactly that many), then trained once per seed; the final validation
 loss is a full deterministic pass over the split. Prints a markdown table and writes JSON rows.
+
+The significance rule: the first variant is the reference, and another variant "helps" only when its
+final val loss is lower with p < --alpha (0.01) in a one-sided paired t-test over the seeds (seed k of
+the variant against seed k of the reference: the same data order and, where shapes agree, the same
+initial weights); "hurts" is the same test the other way round; anything else is "not shown".
 Budgets count training steps only (the trainer's train/seconds), not startup or evaluation; figures are read
 from each run's metrics.jsonl at full precision (a log line's 0.1 s rounding reads 0 on a fast machine).
 """
@@ -22,6 +27,7 @@ from statistics import mean
 
 from models.config_loader import load_config
 from utils.errors import ArgumentParser, UserError, one_line, run_cli
+from utils.stats import paired_lower
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,15 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--budget", type=float, required=True, help="seconds of training per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level of the rule (see above)")
     p.add_argument("--variant", action="append", required=True,
                    help="'name' or 'name:key=value key=value' (overrides on top of --config)")
     p.add_argument("--calibration-steps", type=int, default=60)
     p.add_argument("--json", default=None, help="append one JSON line per run here")
     args = p.parse_args(argv)
-    if not args.budget > 0 or args.calibration_steps < 1:
-        raise UserError(f"--budget must be positive and --calibration-steps at least 1 (got {args.budget} and "
-                        f"{args.calibration_steps})")
+    if not args.budget > 0 or args.calibration_steps < 1 or not 0 < args.alpha < 1:
+        raise UserError(f"--budget must be positive, --calibration-steps at least 1 and --alpha in (0, 1) (got "
+                        f"{args.budget}, {args.calibration_steps} and {args.alpha})")
     args.variant = [(name, rest.split()) for name, _, rest in (v.partition(":") for v in args.variant)]
     for name, overrides in args.variant:  # every variant's config is checked before hours of runs start
         try:
@@ -88,12 +95,23 @@ def ablate(args: argparse.Namespace) -> int:
                     f.write(json.dumps(run) + "\n")
         rows.append((name, " ".join(overrides) or "-", steps, mean(times), losses))
     print("| variant | overrides | steps | train s | " + " | ".join(f"val (seed {s})" for s in args.seeds)
-          + " | mean val |")
-    print("|---" * (5 + len(args.seeds)) + "|")
+          + " | mean val | vs first |")
+    print("|---" * (6 + len(args.seeds)) + "|")
+    reference = rows[0][4]
     for name, ov, steps, secs, losses in rows:
+        against = verdict(losses, reference, args.alpha) if losses is not reference else "reference"
         print(f"| {name} | `{ov}` | {steps} | {secs:.1f} | " + " | ".join(f"{l:.4f}" for l in losses)
-              + f" | **{mean(losses):.4f}** |")
+              + f" | **{mean(losses):.4f}** | {against} |")
     return 0
+
+
+def verdict(losses: list[float], reference: list[float], alpha: float) -> str:
+    """The significance rule's verdict on one variant against the reference, with its figures."""
+    if len(losses) < 2:
+        return "1 seed: no test"
+    diff, p_lower = paired_lower(losses, reference)
+    word = "helps" if p_lower < alpha else "hurts" if 1 - p_lower < alpha else "not shown"
+    return f"{diff:+.4f}, p = {min(p_lower, 1 - p_lower):.3g} ({word})"
 
 
 def main(argv: list[str] | None = None) -> int:

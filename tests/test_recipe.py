@@ -1,6 +1,7 @@
 """Architecture options survive the round trip: training saves them, inference.py and the export read them."""
 
 import os
+import re
 
 import pytest
 
@@ -59,6 +60,8 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
                       "--variant", "base", "--variant", "rope:model.pos_emb=rope", check=True)
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
     assert table[0].startswith("| variant |") and [l.split(" | ")[0] for l in table[1:]] == ["| base", "| rope"]
+    assert table[1].endswith("| reference |") and re.search(r"\| [+-]\d\.\d{4}, p = \S+ \((helps|hurts|not shown)\) \|$",
+                                                           table[2])
     runs = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("base", 2), ("rope", 1), ("rope", 2)]
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
