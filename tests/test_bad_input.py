@@ -15,6 +15,7 @@ import train_single
 from conftest import make_dataset, run_script, tiny_overrides
 from models.config import ConfigError
 from models.config_loader import MOVED, load_config, valid_keys
+from utils.errors import one_line
 
 NASTY_NUMBERS = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True, allow_infinity=True),
                           st.sampled_from(["nan", "inf", "-inf", "1e-3", "1e309", "0x10", "", " ", "2.5", "-0"]))
@@ -57,6 +58,17 @@ def test_generated_config_files_load_or_raise_config_error(content):
             load_config(path)
         except ConfigError as e:
             assert str(e)
+
+
+@given(st.text().filter(lambda t: "\\" not in t))
+def test_a_message_quoting_any_text_stays_one_line(text):
+    """The error boundary's line stays one line whatever user text it quotes (a path holding U+0085 or
+    U+2028 split it before: str.splitlines breaks on more than newlines), and nothing is lost from it."""
+    line = one_line(f"error: {text}")
+    assert len(line.splitlines()) == 1
+    for brk in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029":
+        line = line.replace(repr(brk)[1:-1], brk)
+    assert line == f"error: {text}"
 
 
 def assert_one_line_or_success(code: int, err: str) -> None:

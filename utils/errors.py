@@ -35,9 +35,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+# every character str.splitlines() breaks on, written as its escape
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def one_line(text: str) -> str:
-    """A message stays one line even when it quotes user input holding line breaks."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """A message stays one line even when it quotes user input holding line breaks (of any kind)."""
+    return text.translate(_LINE_BREAKS)
 
 
 def describe_os_error(e: OSError) -> str:
