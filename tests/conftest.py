@@ -187,3 +187,26 @@ def load_weights(path: Path) -> dict:
 def host_cache_dir(tmp_path_factory):
     """Per-host measurements (utils/host_cache.py) go to one folder per test session, not ~/.cache."""
     os.environ["BYTEGPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("host_cache"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node ids
+def pytest_collection_modifyitems(config, items):
+    """Scheduling for pytest-xdist (pytest.ini: --dist loadgroup --no-loadscope-reorder).
+
+    A test that uses a module- or session-scoped fixture of its own file (one shared training run, a
+    SLURM cluster) runs on the same worker as the rest of its file, so that fixture is built once. Slow
+    tests start first, the README walk-through first of all (the longest single test), so the long ones
+    overlap instead of ending the run alone."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        shared = (d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+        if any(d.scope in ("module", "session") and d.baseid == module for d in shared):
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=lambda item: ("test_readme" not in item.nodeid, item.get_closest_marker("slow") is None))
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)  # workers share the cores; one thread each keeps them from thrashing

@@ -73,23 +73,25 @@ KILLS, EVERY = 10, 4
 
 @pytest.mark.slow
 def test_ten_sigkills_in_a_row_each_restart_resumes_and_the_run_finishes(tiny_data, tmp_path):
-    """Under torchrun --max-restarts=10, SIGKILL of a worker (rank 1, then rank 0, and so on) right after each
+    """Under torchrun --max-restarts=10, SIGKILL of a worker (rank 1, then rank 0, and so on) right after a
     new checkpoint: every restarted group connects at its first try, resumes, and the run ends exit 0.
 
     No spare restart: one restarted group that fails to form (torchrun's shared store handing it the
-    previous group's peer addresses) uses one up and the run fails.
+    previous group's peer addresses) uses one up and the run fails. The kill lands a few steps after the
+    save it follows when the machine is busy, so each round waits for the restarted group's own
+    "resumed from" line, and the run is long enough for ten late kills.
     """
     run = tmp_path / "run"
-    steps = (KILLS + 1) * EVERY
+    steps = 2 * (KILLS + 1) * EVERY
     overrides = tiny_overrides(tiny_data, run, **{**LONG, "train__max_steps": steps, "train__save_every": EVERY})
     begin = time.monotonic()
     proc = start(torchrun_cmd(2, "train_ddp.py", "--device", "cpu", "--resume", "auto", *overrides,
                               max_restarts=KILLS), merge_stderr=True)
-    out = []
+    out = read_until(proc, "saved " + str(run / "ckpt" / "step_"), timeout=300)  # start-up
     for kill in range(KILLS):
-        out += read_until(proc, "saved " + str(run / "ckpt" / f"step_{(kill + 1) * EVERY:07d}.pt"),
-                          timeout=300 if kill == 0 else 120)  # start-up, then one restart
         os.kill(worker_of_rank(proc.pid, (kill + 1) % 2), signal.SIGKILL)
+        out += read_until(proc, "resumed from", timeout=120)
+        out += read_until(proc, "saved " + str(run / "ckpt" / "step_"), timeout=120)
     result = finish(proc, timeout=120)
     out = "".join(out) + result.stdout
     assert result.returncode == 0, out

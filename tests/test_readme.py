@@ -96,6 +96,8 @@ def adapt(cmd: str, repo: Path) -> str:
         cmd = cmd.replace("logs/tensorboard/RUN", f"logs/tensorboard/{run}")
     if re.search(r"\btrain_(single|ddp)\.py\b", cmd):
         cmd += " " + TINY
+    if "scripts.evaluate" in cmd:
+        cmd += " --max-bytes 65536"  # the enwik8 test split is 5 MB
     if "scripts.benchmark" in cmd:
         cmd += f" --steps 1 --warmup 0 {TINY}"
     if "scripts.ablate" in cmd:

@@ -23,6 +23,9 @@ from utils.host_cache import cached, host_key
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MARGIN = 0.9  # bf16 must take under 90% of fp32's time: "measurably faster", not noise
+# rows of the timed matmuls: past about a thousand, the bf16/fp32 ratio no longer depends on the row count,
+# while the time does (a GPT-2 batch of 16 x 1024 tokens took 18 s to measure, every start, before the cap)
+MAX_TIMED_TOKENS = 1024
 
 
 class ModelShapes(Protocol):
@@ -68,9 +71,14 @@ def _time_linears(shapes: list[tuple[int, int, int]], dtype: torch.dtype, g: tor
     return time.perf_counter() - t0
 
 
+def timed_tokens(model: ModelShapes, batch_size: int) -> int:
+    return min(batch_size * model.context_length, MAX_TIMED_TOKENS)
+
+
 def measure_cpu_bf16(model: ModelShapes, batch_size: int, rounds: int = 5) -> dict:
-    """bf16 vs fp32 time of the model's linear layers at its batch: rounds alternate, medians compared."""
-    tokens = batch_size * model.context_length
+    """bf16 vs fp32 time of the model's linear layers at its batch (at most MAX_TIMED_TOKENS rows):
+    rounds alternate, medians compared."""
+    tokens = timed_tokens(model, batch_size)
     shapes = [(tokens, model.dim, 3 * model.dim), (tokens, model.dim, model.dim), (tokens, model.dim, model.ffn_dim),
               (tokens, model.ffn_dim, model.dim)]
     g = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what an uninterrupted one does
@@ -103,7 +111,7 @@ def resolve_precision(setting: str, device: torch.device, model: ModelShapes, ba
                                  f"fp16 with a GradScaler")
     if device.type != "cpu":
         return Precision("fp32", f"auto: autocast on {device.type} is untested")
-    key = host_key(f"linears {batch_size * model.context_length}x{model.dim}x{model.ffn_dim}")
+    key = host_key(f"linears {timed_tokens(model, batch_size)}x{model.dim}x{model.ffn_dim}")
     entry, where = cached("precision", key, lambda: measure_cpu_bf16(model, batch_size))
     return Precision(entry["precision"], f"auto: bf16 matmuls ran {entry['bf16_speedup']:.2f}x fp32's speed at this "
                                          f"model's shapes (fp32 {entry['fp32_ms']} ms, bf16 {entry['bf16_ms']} ms, load "
