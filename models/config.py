@@ -12,7 +12,8 @@
 | distributed   | utils/distributed/process_group.py                |
 | health        | utils/train/guard.py HealthGuard (and health.py)  |
 
-Loading (YAML, overrides, the keys that moved between sections) is models/config_loader.py. No
+Loading (YAML, overrides, the keys that moved between sections) is models/config_loader.py; the
+checks every section's __post_init__ makes, and their error, are models/config_checks.py. No
 torch import here, so loading and validating a config is fast and cheap to test.
 """
 
@@ -20,30 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from utils.errors import UserError
-
-
-class ConfigError(UserError):
-    """The config file, a key or a value is wrong."""
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name} must be one of {', '.join(choices)} (got {value!r})")
-
-
-def _non_negative(section: str, obj: object, *names: str) -> None:
-    for name in names:
-        _check(getattr(obj, name) >= 0, f"{section}.{name} must be >= 0 (got {getattr(obj, name)})")
-
-
-def _positive(section: str, obj: object, *names: str) -> None:
-    for name in names:
-        _check(getattr(obj, name) > 0, f"{section}.{name} must be positive (got {getattr(obj, name)})")
+from models.config_checks import check, non_negative, one_of, positive
 
 
 @dataclass(frozen=True)
@@ -80,18 +58,18 @@ class ModelConfig:
     """rope only: the base of the rotary frequencies"""
 
     def __post_init__(self) -> None:
-        _positive("model", self, "vocab_size", "context_length", "dim", "n_layers", "n_heads", "ffn_dim")
-        _check(self.vocab_size >= 256, f"model.vocab_size must be >= 256, one id per byte value (got {self.vocab_size})")
-        _check(self.dim % self.n_heads == 0,
+        positive("model", self, "vocab_size", "context_length", "dim", "n_layers", "n_heads", "ffn_dim")
+        check(self.vocab_size >= 256, f"model.vocab_size must be >= 256, one id per byte value (got {self.vocab_size})")
+        check(self.dim % self.n_heads == 0,
                f"model.n_heads={self.n_heads} must divide model.dim={self.dim}; "
                f"pick n_heads from {[h for h in range(1, 33) if self.dim % h == 0]}")
-        _check(self.pos_emb != "rope" or (self.dim // self.n_heads) % 2 == 0,
+        check(self.pos_emb != "rope" or (self.dim // self.n_heads) % 2 == 0,
                "model.pos_emb=rope needs an even head size (dim / n_heads)")
-        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1) (got {self.dropout})")
-        _one_of("model.pos_emb", self.pos_emb, ("learned", "rope"))
-        _one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
-        _one_of("model.activation", self.activation, ("gelu", "relu2", "swiglu"))
-        _check(self.rope_base > 0, "model.rope_base must be positive")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1) (got {self.dropout})")
+        one_of("model.pos_emb", self.pos_emb, ("learned", "rope"))
+        one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        one_of("model.activation", self.activation, ("gelu", "relu2", "swiglu"))
+        check(self.rope_base > 0, "model.rope_base must be positive")
 
 
 
@@ -130,10 +108,10 @@ class TrainConfig:
     """optimizer steps between log lines"""
 
     def __post_init__(self) -> None:
-        _positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every")
-        _non_negative("train", self, "stop_at_step", "grad_clip")
-        _check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
-        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every")
+        non_negative("train", self, "stop_at_step", "grad_clip")
+        check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
+        one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)
@@ -156,10 +134,10 @@ class OptimConfig:
     """muon only: Nesterov momentum of the Muon part"""
 
     def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, ("adamw", "muon"))
-        _positive("optim", self, "lr", "muon_lr")
-        _non_negative("optim", self, "weight_decay")
-        _check(0 <= self.muon_momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+        one_of("optim.name", self.name, ("adamw", "muon"))
+        positive("optim", self, "lr", "muon_lr")
+        non_negative("optim", self, "weight_decay")
+        check(0 <= self.muon_momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
 
 
@@ -175,9 +153,9 @@ class ScheduleConfig:
     """wsd only: fraction of train.max_steps spent in the final linear cooldown"""
 
     def __post_init__(self) -> None:
-        _one_of("schedule.name", self.name, ("cosine", "wsd"))
-        _non_negative("schedule", self, "warmup_steps", "min_lr")
-        _check(0 <= self.cooldown_frac <= 1, "schedule.cooldown_frac must be in [0, 1]")
+        one_of("schedule.name", self.name, ("cosine", "wsd"))
+        non_negative("schedule", self, "warmup_steps", "min_lr")
+        check(0 <= self.cooldown_frac <= 1, "schedule.cooldown_frac must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -192,11 +170,11 @@ class EvalConfig:
     """bytes sampled from sample_prompt at each evaluation; 0 = no sample"""
 
     def __post_init__(self) -> None:
-        _non_negative("eval", self, "every", "sample_tokens")
-        _check(self.max_bytes == 0 or self.max_bytes >= 2,
+        non_negative("eval", self, "every", "sample_tokens")
+        check(self.max_bytes == 0 or self.max_bytes >= 2,
                f"eval.max_bytes must be 0 (the whole split) or >= 2, one byte to predict from and one to predict "
                f"(got {self.max_bytes})")
-        _check(self.sample_tokens == 0 or self.sample_prompt != "",
+        check(self.sample_tokens == 0 or self.sample_prompt != "",
                "eval.sample_prompt must not be empty (or set eval.sample_tokens=0)")
 
 
@@ -210,9 +188,9 @@ class CheckpointConfig:
     """step checkpoints kept besides best_model.pt"""
 
     def __post_init__(self) -> None:
-        _non_negative("checkpoint", self, "every")
-        _positive("checkpoint", self, "keep_last")
-        _check(self.dir != "", "checkpoint.dir must not be empty")
+        non_negative("checkpoint", self, "every")
+        positive("checkpoint", self, "keep_last")
+        check(self.dir != "", "checkpoint.dir must not be empty")
 
 
 @dataclass(frozen=True)
@@ -232,9 +210,9 @@ class DistributedConfig:
     holds 1/world_size of them; sharded checkpoint folders)"""
 
     def __post_init__(self) -> None:
-        _one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
-        _one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
-        _positive("distributed", self, "timeout_s", "bucket_cap_mb")
+        one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
+        positive("distributed", self, "timeout_s", "bucket_cap_mb")
 
 
 @dataclass(frozen=True)
@@ -251,8 +229,8 @@ class LoggingConfig:
     """online, offline (upload later with `wandb sync`) or disabled; empty = WANDB_MODE, else online"""
 
     def __post_init__(self) -> None:
-        _check(self.dir != "", "logging.dir must not be empty")
-        _one_of("logging.wandb_mode", self.wandb_mode, ("", "online", "offline", "disabled"))
+        check(self.dir != "", "logging.dir must not be empty")
+        one_of("logging.wandb_mode", self.wandb_mode, ("", "online", "offline", "disabled"))
 
 
 @dataclass(frozen=True)
@@ -287,13 +265,13 @@ class HealthConfig:
     """CUDA: record allocation history and dump a snapshot next to the logs on out-of-memory (pytorch.org/memory_viz)"""
 
     def __post_init__(self) -> None:
-        _one_of("health.action", self.action, ("skip", "rollback", "stop", "log"))
-        _positive("health", self, "window", "loss_z", "max_consecutive", "snapshot_every")
-        _non_negative("health", self, "arm_after", "grad_norm_z", "min_rel_rise", "max_rollbacks",
+        one_of("health.action", self.action, ("skip", "rollback", "stop", "log"))
+        positive("health", self, "window", "loss_z", "max_consecutive", "snapshot_every")
+        non_negative("health", self, "arm_after", "grad_norm_z", "min_rel_rise", "max_rollbacks",
                       "rollback_lr_steps")
-        _check(self.arm_after <= self.window, f"health.arm_after={self.arm_after} must not exceed "
+        check(self.arm_after <= self.window, f"health.arm_after={self.arm_after} must not exceed "
                f"health.window={self.window}: the window holds the history it is armed on")
-        _check(0 < self.rollback_lr_factor <= 1, "health.rollback_lr_factor must be in (0, 1]")
+        check(0 < self.rollback_lr_factor <= 1, "health.rollback_lr_factor must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -310,8 +288,8 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
-        _check(self.schedule.min_lr <= self.optim.lr,
+        check(self.schedule.min_lr <= self.optim.lr,
                f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}")
-        _check(self.distributed.strategy != "fsdp" or self.train.precision != "fp16",
+        check(self.distributed.strategy != "fsdp" or self.train.precision != "fp16",
                "distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded GradScaler); "
                "use train.precision=bf16 or fp32")

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 

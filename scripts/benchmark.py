@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
 from utils.distributed.process_group import DistInfo, gather_object, process_group

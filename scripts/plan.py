@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, resolve_device
 from utils.errors import ArgumentParser, run_cli

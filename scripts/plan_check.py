@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from models.config import ConfigError
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, run_cli

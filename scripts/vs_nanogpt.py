@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np
 
 from data.dataset import load_split
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.errors import UserError, run_cli
 

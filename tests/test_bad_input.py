@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import inference
 import train_single
 from conftest import make_dataset, run_script, tiny_overrides
-from models.config import ConfigError
+from models.config_checks import ConfigError
 from models.config_loader import MOVED, load_config, valid_keys
 from utils.errors import one_line
 
@@ -144,7 +144,7 @@ def test_fsdp_asks_each_rank_for_its_shard_of_the_training_state(tiny_data, tmp_
     import torch
 
     from utils.distributed.process_group import DistInfo
-    from utils.train.run import check_memory, state_bytes_per_rank
+    from utils.train.preflight import check_memory, state_bytes_per_rank
 
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     per_layer = 16 * 12 * 1024 ** 2  # bytes per layer at dim 1024, ffn 4096: 12 dim^2 weights

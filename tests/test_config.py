@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from conftest import ROOT, run_script
-from models.config import ConfigError
+from models.config_checks import ConfigError
 from models.config_loader import config_from_dict, config_to_dict, load_config
 from utils.train.cli import parse_cli
 

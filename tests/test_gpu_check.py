@@ -18,6 +18,7 @@ def write_step(out, step_id, code, log="", seconds=3, limit=60):
     (out / f"{step_id}.log").write_text(log)
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_prints_the_table_of_skips():
     """No GPU: one line saying so, then every check of the table skipped with the reason, exit 0."""
     assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import child_env, run_script, tiny_overrides
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from models.transformer import attention
 from utils.checkpoint.format import CONFIG

@@ -26,6 +26,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_exits_75_and_resume_matches(tiny_data, tmp_path, sig):
     """A signal mid-run: checkpoint at the step reached, exit 75; resuming ends where an uninterrupted run does."""

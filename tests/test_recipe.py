@@ -43,6 +43,7 @@ def test_options_round_trip_through_inference_and_export(name, tiny_data, tmp_pa
         assert code == 0 and (tmp_path / "hf/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     """scripts/ablate.py times each variant, trains it per seed within the budget, and tabulates val losses."""
     import json

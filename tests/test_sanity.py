@@ -5,7 +5,7 @@ import pytest
 
 import train_single
 from conftest import tiny_overrides
-from models.config import ConfigError
+from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.train.sanity import start_warnings
 

@@ -8,9 +8,6 @@ the model fits in memory, and only then is anything written (config.yaml, the lo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
-import os
 import platform
 import random
 import subprocess
@@ -25,18 +22,19 @@ import torch.nn as nn
 
 from data.dataset import BatchPlan, load_split
 from data.shards import verify_dataset
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
 from utils.checkpoint import format as ckpt
-from utils.checkpoint.format import CheckpointError
 from utils.checkpoint.folder import Checkpointer
 from utils.device import device_name
-from utils.distributed.process_group import DistInfo, broadcast_object, gather_object
+from utils.distributed.process_group import DistInfo, broadcast_object
 from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import MetricsLogger, ThroughputMeter
 from utils.train.oom import adopt_backoff
+from utils.train.preflight import check_fits, check_memory, check_ranks_agree, check_writable
 from utils.train.optim import build_optimizer, build_scheduler
 from utils.precision import Precision, autocast_context, grad_scaler, resolve_precision
 from utils.metrics.sinks import require_wandb
@@ -48,35 +46,7 @@ from utils.train.validation import Validator
 Wrap = Callable[[nn.Module, Precision], nn.Module]  # parallelisation, given the run's resolved precision
 
 
-# -- checks (nothing written) --------------------------------------------------------------------
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-NODE_LOCAL = {"data.dir", "checkpoint.dir", "logging.dir"}
-
-
-def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
-    """Every rank must train the same config on the same data; a mismatch stops all of them at once
-    (the first collective of the run, so nothing can hang on a rank that cadences differently)."""
-    if info.world_size == 1:
-        return
-    manifest = Path(cfg.data.dir) / "manifest.json"
-    # folders may differ (node-local disks; only rank 0 writes); the data must not, so its manifest counts
-    mine = {**{k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in NODE_LOCAL},
-            "data manifest sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
-    everyone = gather_object(mine, info)
-    diffs = [f"{k} (rank 0: {everyone[0].get(k)!r}, rank {r}: {other.get(k)!r})"
-             for r, other in enumerate(everyone) for k in sorted(set(other) | set(everyone[0]))
-             if other.get(k) != everyone[0].get(k)]
-    if diffs:
-        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-        raise ConfigError(f"the ranks disagree on {shown}; start every rank with the same config, overrides and data")
-
-
+# -- checks (nothing written; the checks themselves are in utils/train/preflight.py) -------------
 def checkpointer_for(cfg: Config, info: DistInfo) -> Checkpointer:
     return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.strategy == "fsdp")
 
@@ -97,53 +67,6 @@ def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo
     if not decision:
         return None
     return decision, found[1] if found else checkpointer.load(Path(decision))  # rank 0 loaded it already
-
-
-def check_fits(cfg: Config, path: str, state: dict) -> None:
-    """A checkpoint can only continue a run of the same model shape, and needs optimizer state."""
-    saved, ours = state[ckpt.CONFIG].get("model", {}), config_to_dict(cfg)["model"]
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in ours.items() if saved.get(k) != v]
-    if diff:
-        raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
-                              f"resume with the same model settings")
-
-
-def state_bytes_per_rank(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(parameters, bytes of weights, gradients and AdamW state one rank holds: 16 per parameter, over the
-    world size under FSDP). The count is from the shapes alone (a lower bound: the matrices of the blocks,
-    the embeddings and positions), so it is instant even for absurd sizes."""
-    m = cfg.model
-    mlp = (3 if m.activation == "swiglu" else 2) * m.dim * m.ffn_dim
-    n = m.n_layers * (4 * m.dim * m.dim + mlp) + (m.vocab_size + m.context_length) * m.dim
-    shards = world_size if cfg.distributed.strategy == "fsdp" else 1
-    return n, math.ceil(16 * n / shards)
-
-
-def check_memory(cfg: Config, info: DistInfo) -> None:
-    """Refuse a model whose training state cannot fit in this rank's free device memory, before anything
-    is allocated."""
-    n, need = state_bytes_per_rank(cfg, info.world_size)
-    if info.device.type == "cuda":
-        free = torch.cuda.mem_get_info(info.device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > free:
-        fsdp = cfg.distributed.strategy == "fsdp"
-        hint = ", or shard them with distributed.strategy=fsdp" if info.world_size > 1 and not fsdp else ""
-        raise ConfigError(f"the model has at least {n:,} parameters, whose weights, gradients and optimizer state"
-                          f"{f', sharded over {info.world_size} ranks,' if fsdp else ''} need ~{need / 2**30:.1f} GiB "
-                          f"per rank, more than the {free / 2**30:.1f} GiB free on {info.device}; lower model.dim, "
-                          f"model.n_layers, model.ffn_dim or model.context_length{hint}")
-
-
-def check_writable(path: Path, key: str) -> None:
-    """The folder, or the nearest existing folder above it, must be writable; probes without writing."""
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={path} cannot be written ({existing} is not a writable folder); "
-                        f"choose another with {key}=DIR")
 
 
 # -- building ------------------------------------------------------------------------------------

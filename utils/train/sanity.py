@@ -7,7 +7,8 @@ min LR above the peak (models/config.py), a global batch larger than the trainin
 
 from __future__ import annotations
 
-from models.config import Config, ConfigError
+from models.config import Config
+from models.config_checks import ConfigError
 
 
 def start_warnings(cfg: Config, val_shard_sizes: list[int], steps_per_epoch: int) -> list[str]:
