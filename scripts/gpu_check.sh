@@ -46,7 +46,8 @@ step() {  # id, timeout in seconds, command...: output in $out/<id>.log, "<exit 
     echo "$? $((SECONDS - t0)) $limit" > "$out/$id.rc"
 }
 
-tests=("$PYTHON" -m pytest -v -p no:cacheprovider -m cuda tests/test_cuda.py --junitxml="$out/tests.xml")
+# -n 0: one process (pytest.ini asks for xdist workers), so the CUDA tests never share the GPU among workers
+tests=("$PYTHON" -m pytest -v -n 0 -p no:cacheprovider -m cuda tests/test_cuda.py --junitxml="$out/tests.xml")
 if ! why=$("$PYTHON" -c 'import torch, sys
 ok = torch.cuda.is_available()
 print("" if ok else f"no CUDA device visible (torch {torch.__version__}, CUDA build {torch.version.cuda})")

@@ -31,6 +31,7 @@ ELSEWHERE = {
     "--rdzv_endpoint=node0": "needs two machines: tests/test_multinode.py runs two torchrun agents as two nodes",
     "sbatch": "needs SLURM (and GPUs): tests/test_slurm.py runs the CPU line on a local SLURM cluster",
     "mkdir -p logs": "the SLURM block's first line, run with it by tests/test_slurm.py",
+    "bash scripts/gpu_check.sh": "tests/test_gpu_check.py runs it (here, without a GPU: the table of skips)",
 }
 SERVERS = {"tensorboard --logdir": "TensorBoard"}  # runs until stopped: started, awaited, stopped
 
