@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, tiny_overrides
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
+from utils.checkpoint.format import CheckpointError, save_checkpoint
 from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
 from utils.train.stopping import StopFlag
 
@@ -84,6 +86,15 @@ def fill(folder: Path) -> None:
             pass
 
 
+def remount_read_only(mnt: Path, patience: float = 30) -> None:
+    """The kernel refuses (busy) while a file is open for writing there, as during a save: try again
+    until the save in flight has closed its file."""
+    deadline = time.monotonic() + patience
+    while (done := subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)).returncode:
+        assert "busy" in done.stderr and time.monotonic() < deadline, done.stderr
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, small_disk, fault):
     """The next save fails with one line and exit 2; the checkpoint saved before still loads."""
@@ -94,16 +105,30 @@ def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data,
     if fault == "full":
         fill(small_disk)
     else:
-        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        remount_read_only(small_disk)
     done = finish(proc, 120)
     err = done.stderr
     assert done.returncode == 2, err
-    assert err.startswith("error: could not write ") and err.count("\n") == 1 and "Traceback" not in err, err
+    # which file of the save meets the fault depends on timing: the step file, last_checkpoint.pt or a pruning
+    assert err.startswith("error: could not ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("no space left on device" in err.lower()) if fault == "full" else ("read-only" in err.lower()), err
     if fault == "full":
         (small_disk / "filler").unlink()
     newest = Checkpointer(small_disk, 3, None).find_resume("auto", warn=print)
     assert newest is not None and newest[1][ckpt.TRAINER]["step"] >= 2
+
+
+def test_a_folder_that_turns_read_only_after_the_step_file_is_one_line(small_disk):
+    """The step file is written, then the folder turns read-only: pointing last_checkpoint.pt at it and
+    pruning older files each fail as one CheckpointError naming the file (not an OSError on a temporary)."""
+    folder = Checkpointer(small_disk, 1, None)
+    for step in (1, 2):
+        save_checkpoint({"step": torch.tensor(step)}, folder.step_path(step))
+    remount_read_only(small_disk)
+    with pytest.raises(CheckpointError, match=rf"could not update {small_disk / 'last_checkpoint.pt'}: Read-only"):
+        folder._link_last(folder.step_path(2))
+    with pytest.raises(CheckpointError, match=rf"could not remove the old checkpoint {folder.step_path(1)}: Read-only"):
+        folder._prune(2)
 
 
 def test_closed_stdout_is_not_a_traceback(tiny_data, tmp_path):

@@ -14,6 +14,7 @@ Nothing is written before the run is accepted (`accept`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -198,7 +199,11 @@ class Checkpointer:
         """Remove step checkpoints older than `step` (just written and verified) beyond keep_last."""
         older = [p for s, p in self.step_files() if s < step]
         for old in older[: max(0, len(older) - (self.keep_last - 1))]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            try:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            except OSError as e:
+                raise CheckpointError(f"could not remove the old checkpoint {old}: {e.strerror}; the newer ones "
+                                      f"are complete") from None
         return self.dir
 
     def _save_step(self, state: dict, step: int) -> Path:
@@ -213,13 +218,14 @@ class Checkpointer:
         """Point last_checkpoint.pt at src atomically (a hard link, or a copy where links fail)."""
         link = self.dir / LAST
         tmp = link.with_name(f".{LAST}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
         try:
+            tmp.unlink(missing_ok=True)
             try:
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, link)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder may have turned read-only: then the error says so
+                tmp.unlink(missing_ok=True)
             raise CheckpointError(f"could not update {link}: {e.strerror}; {src} itself is complete") from None
