@@ -20,6 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from models.config import ModelConfig
 
 
+def rms_norm_fp32(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """In fp32, weight included, as autocast runs the block norms: FSDP's bf16 gathers hand the norm a
+    bf16 weight, which beside an fp32 input misses the fused kernel (and torch warns)."""
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-5)
@@ -83,8 +89,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(self.dim, dim=2)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.q_norm is not None:  # in fp32 as autocast runs norms; back to the matmuls' dtype for attention
-            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if self.q_norm is not None:  # back to the matmuls' dtype for attention
+            q, k = rms_norm_fp32(self.q_norm, q).to(v.dtype), rms_norm_fp32(self.k_norm, k).to(v.dtype)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.cache is not None:

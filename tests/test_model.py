@@ -79,16 +79,23 @@ def test_too_long_input_is_rejected():
         tiny()(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_bf16_autocast_trains_without_warnings(options):
-    """Every option runs forward and backward under CPU bf16 autocast with no dtype-mismatch warning (QK-norm
-    once fed bf16 queries to fp32 RMSNorm gains: torch warned and fell back to its unfused kernel)."""
+def test_bf16_autocast_trains_without_warnings(options, param_dtype):
+    """Every option runs forward and backward under CPU bf16 autocast with no dtype-mismatch warning, with fp32
+    weights and with bf16 ones as FSDP gathers them (QK-norm once fed bf16 queries to fp32 RMSNorm gains, then
+    fp32 queries to bf16 gains: torch warned and fell back to its unfused kernel)."""
     import warnings
 
-    model = tiny(**{**options, "norm": "rmsnorm", "qk_norm": True}).train()
+    model = tiny(**{**options, "norm": "rmsnorm", "qk_norm": True}).train().to(param_dtype)
     x = torch.randint(0, 256, (2, 16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(x, x)
-        loss.backward()
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns of the mismatch once per process: this test must see it every time
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = model(x, x)
+            loss.backward()
+    finally:
+        torch.set_warn_always(warn_always)
