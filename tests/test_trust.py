@@ -4,6 +4,7 @@ fills up or turns read-only mid-run, a closed stdout, unwritable outputs, and ra
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,9 +126,10 @@ def test_a_folder_that_turns_read_only_after_the_step_file_is_one_line(small_dis
     for step in (1, 2):
         save_checkpoint({"step": torch.tensor(step)}, folder.step_path(step))
     remount_read_only(small_disk)
-    with pytest.raises(CheckpointError, match=rf"could not update {small_disk / 'last_checkpoint.pt'}: Read-only"):
+    last, oldest = re.escape(str(small_disk / "last_checkpoint.pt")), re.escape(str(folder.step_path(1)))
+    with pytest.raises(CheckpointError, match=f"could not update {last}: Read-only"):
         folder._link_last(folder.step_path(2))
-    with pytest.raises(CheckpointError, match=rf"could not remove the old checkpoint {folder.step_path(1)}: Read-only"):
+    with pytest.raises(CheckpointError, match=f"could not remove the old checkpoint {oldest}: Read-only"):
         folder._prune(2)
 
 

@@ -114,7 +114,7 @@ def resolve_precision(setting: str, device: torch.device, model: ModelShapes, ba
     key = host_key(f"linears {timed_tokens(model, batch_size)}x{model.dim}x{model.ffn_dim}")
     entry, where = cached("precision", key, lambda: measure_cpu_bf16(model, batch_size))
     return Precision(entry["precision"], f"auto: bf16 matmuls ran {entry['bf16_speedup']:.2f}x fp32's speed at this "
-                                         f"model's shapes (fp32 {entry['fp32_ms']} ms, bf16 {entry['bf16_ms']} ms, load "
+                                         f"model's widths (fp32 {entry['fp32_ms']} ms, bf16 {entry['bf16_ms']} ms, load "
                                          f"{entry['loadavg_1m']}, {where})")
 
 
