@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from utils.checkpoint.format import CONFIG, build_model, load_checkpoint
+from utils.checkpoint.format import CONFIG, build_model
+from utils.checkpoint.reader import load_weights
 from utils.device import DEVICE_CHOICES, resolve_device
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
 from utils.generation import TextStream, generate_text
 from utils.precision import DTYPES, sampling_precision
-from utils.text import unescape
+from utils.text import to_bytes, unescape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses NaN
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 64:  # a torch.Generator's seed is 64 bits
+        raise UserError(f"--seed must be in [0, 2**64) (got {str(args.seed)[:40]})")
     args.stop = [unescape(s) for s in args.stop]
     if "" in args.stop:
         raise UserError("--stop strings must not be empty")
@@ -64,9 +67,11 @@ def read_prompt(args: argparse.Namespace) -> bytes:
         except OSError as e:
             raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
     elif args.prompt == "-":
+        if sys.stdin is None:
+            raise UserError("--prompt - reads standard input, which is closed; pipe the prompt in or use --prompt TEXT")
         prompt = sys.stdin.buffer.read()
     else:  # surrogateescape gives back the exact bytes of an argument that is not valid UTF-8
-        prompt = (args.prompt or "").encode("utf-8", errors="surrogateescape")
+        prompt = to_bytes(args.prompt or "")
     if not prompt:
         raise UserError("the prompt is empty; give text with --prompt TEXT, --prompt-file FILE or --prompt - (stdin)")
     return prompt
@@ -75,9 +80,10 @@ def read_prompt(args: argparse.Namespace) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
+        require_stdout("the samples")
         prompt = read_prompt(args)
         device = resolve_device(args.device, 0)
-        state = load_checkpoint(args.checkpoint)
+        state = load_weights(args.checkpoint)
         precision = sampling_precision(args.precision, state[CONFIG]["train"].get("precision"), device)
         model = build_model(state, args.checkpoint, device, DTYPES[precision])
         out = sys.stdout

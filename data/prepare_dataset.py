@@ -29,7 +29,7 @@ from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWri
 from data.sources import check_inputs, expand_inputs, joined_stream
 from utils.errors import ArgumentParser, run_cli
 from utils.progress import progress
-from utils.text import unescape
+from utils.text import to_bytes, unescape
 
 DEFAULT_SHARD_SIZE = 1 << 30
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -130,7 +130,7 @@ def prepare(out: str | Path, chunks: Iterable[bytes], sources: list[str], val_fr
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    match = re.fullmatch(r"(\d{1,18})\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
     if not match or int(match[1]) == 0:
         raise DataError(f"--shard-size must be a positive size such as 1G, 256M or 4096 (got '{text}')")
     return int(match[1]) * UNITS[match[2].upper()]
@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
-        out, shard_size, separator = Path(args.out), parse_size(args.shard_size), unescape(args.separator).encode()
+        out, shard_size, separator = Path(args.out), parse_size(args.shard_size), to_bytes(unescape(args.separator))
         bar = None
         if args.input:
             files = expand_inputs(args.input, exclude=out)

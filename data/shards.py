@@ -125,15 +125,44 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"dataset not prepared: {path} is missing; run `python -m data.prepare_dataset --out "
                         f"{data_dir}` (add --input FILES for your own text)")
+    prepare_again = (f"prepare the dataset again with `python -m data.prepare_dataset --out {data_dir}` and the "
+                     f"same --input (it replaces the manifest)")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested absurdly, an integer of 5000 digits
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         found = manifest.get("version") if isinstance(manifest, dict) else "unreadable"
-        raise DataError(f"{path} is not a format-{MANIFEST_VERSION} manifest (found: {found}); prepare the "
-                        f"dataset again with `python -m data.prepare_dataset --out {data_dir}` and the same --input")
+        raise DataError(f"{path} is not a format-{MANIFEST_VERSION} manifest (found: {found!r:.40}); {prepare_again}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} was not written by data.prepare_dataset or was edited: {problem}; {prepare_again}")
     return manifest
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a parsed manifest unusable (a split missing, a size that is not a count, a shard named
+    by a path), or None: everything the loaders and checks read is there with its type."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return "'splits' is not a mapping"
+    for split in SPLITS:
+        if not isinstance(splits.get(split), list):
+            return f"split {split!r} is missing"
+        for entry in splits[split]:
+            if not isinstance(entry, dict) or not _is_size(entry.get("bytes")) or \
+                    not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("file"), str) or \
+                    entry["file"] != Path(entry["file"]).name or entry["file"] in ("", ".", ".."):
+                return f"a {split} shard entry is not {{file: NAME, bytes: COUNT, sha256: HEX}}: {entry!r:.80}"
+        if manifest.get(f"{split}_bytes") != sum(e["bytes"] for e in splits[split]):
+            return f"{split}_bytes is not the sum of its shards' sizes"
+    if not isinstance(manifest.get("sources"), list) or not isinstance(manifest.get("parts"), list):
+        return "'sources' or 'parts' is not a list"
+    return None
 
 
 def check_shards(data_dir: str | Path, manifest: dict, splits: Iterable[str], sha256: bool) -> None:

@@ -186,6 +186,8 @@ class CheckpointConfig:
     """optimizer steps between checkpoints (and always at the end); 0 = only at the end"""
     keep_last: int = 3
     """step checkpoints kept besides best_model.pt"""
+    verify: bool = True
+    """at resume, check every byte against the CRC-32 saved with it (~0.1 s/GB); false: skip, for huge ones"""
 
     def __post_init__(self) -> None:
         non_negative("checkpoint", self, "every")
@@ -198,7 +200,10 @@ class DistributedConfig:
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo"""
     timeout_s: int = 600
-    """process-group init and collective timeout"""
+    """collective timeout: how long a rank waits in one collective (a slow save, a slow step) for the others"""
+    join_timeout_s: int = 600
+    """how long the ranks wait at start for every rank to join; past it each stops with one line saying how
+    many joined (a rank refused at start, a wrong MASTER_ADDR). Raise it where nodes start minutes apart"""
     bucket_cap_mb: int = 25
     """ddp: gradient bucket size for the all-reduce (DistributedDataParallel bucket_cap_mb)"""
     gradient_as_bucket_view: bool = True
@@ -212,7 +217,7 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
         one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
-        positive("distributed", self, "timeout_s", "bucket_cap_mb")
+        positive("distributed", self, "timeout_s", "join_timeout_s", "bucket_cap_mb")
 
 
 @dataclass(frozen=True)

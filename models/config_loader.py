@@ -19,6 +19,7 @@ import yaml
 
 from models.config import Config
 from models.config_checks import ConfigError
+from utils.text import encoding_problem
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
@@ -71,7 +72,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             raise bad
         return number
     if typ is str:
-        return str(value)
+        text = str(value)
+        problem = "it holds a NUL byte" if "\0" in text else encoding_problem(text)
+        if problem:
+            raise ConfigError(f"{key} cannot be used: {problem} (got {text!r:.60})")
+        return text
     raise TypeError(f"unsupported field type {typ}")
 
 
@@ -137,6 +142,10 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} nests too deeply to be a config (sections hold keys, keys values)") from None
+    except ValueError as e:  # an integer of thousands of digits (Python's int-string limit), a NUL in the text
+        raise ConfigError(f"config file {p} holds a value no config can use: {str(e)[:120]}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -37,7 +37,7 @@ from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
 from utils.distributed.process_group import DistInfo, gather_object, process_group
-from utils.errors import ArgumentParser, run_cli
+from utils.errors import ArgumentParser, require_stdout, run_cli
 from utils.metrics.flops import model_flops_utilization, peak_flops
 from utils.metrics.logger import MetricsLogger
 from utils.distributed.parallel import compiled_as, parallelize
@@ -218,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="--compare: alternate the cases this many times")
     parser.add_argument("--baseline-tokens-per-sec", type=float, default=None,
                         help="one process's tokens/s, for the scaling efficiency under torchrun")
-    args, overrides = parser.parse_known_args(argv)
-    for item in overrides:
-        if item.startswith("-"):
-            parser.error(f"unrecognized argument: {item}")
 
     def body() -> int:
+        args, overrides = parser.parse_known_args(argv)
+        require_stdout("the figures")
+        for item in overrides:
+            if item.startswith("-"):
+                parser.error(f"unrecognized argument: {item}")
         if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
             raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
         cfg = load_config(args.config, overrides)

@@ -1,32 +1,29 @@
-"""Convert a sharded checkpoint folder (distributed.strategy=fsdp) into the single-file format.
+"""Write any checkpoint (a sharded folder of distributed.strategy=fsdp, or a file) as one weights-only file.
 
     python -m scripts.convert_checkpoint --checkpoint checkpoints/step_0005000 --out model.pt
-    python inference.py --checkpoint model.pt --prompt "Once upon a time"
 
 Runs in one process on the CPU, whatever the number of ranks that wrote the folder. The file holds
-the full weights, the config and the trainer counters, so inference.py, scripts/evaluate.py and
-scripts/export_hf.py read it unchanged; it has no optimizer state (to continue training, resume
-from the folder itself: --resume checkpoints/step_0005000).
+the full weights, the config and the trainer counters and no optimizer state: small, and read
+without DCP. inference.py, scripts/evaluate.py and scripts/export_hf.py read the folder itself
+too; to continue training, resume from the folder (--resume checkpoints/step_0005000).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-
-from utils.errors import UserError, run_cli
-from utils.checkpoint.sharded import convert
+from utils.errors import ArgumentParser, UserError, run_cli
+from utils.checkpoint.reader import convert
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Convert a sharded (DCP) checkpoint folder to one .pt file.")
-    p.add_argument("--checkpoint", required=True, help="a step_NNNNNNN (or best_model) folder")
+    p = ArgumentParser(description="Convert a sharded (DCP) checkpoint folder to one .pt file.")
+    p.add_argument("--checkpoint", required=True, help="a step_NNNNNNN (or best_model) folder, or a .pt file")
     p.add_argument("--out", required=True, help="the .pt file to write (replaced atomically)")
-    args = p.parse_args(argv)
 
     def body() -> int:
+        args = p.parse_args(argv)
         out = Path(args.out)
         if not out.parent.is_dir():
             raise UserError(f"folder {out.parent} does not exist; create it or choose another --out")

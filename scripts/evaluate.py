@@ -22,9 +22,10 @@ import numpy as np
 
 from data.dataset import load_split
 from models.config import DistributedConfig
-from utils.checkpoint.format import CONFIG, build_model, load_checkpoint
+from utils.checkpoint.format import CONFIG, build_model
+from utils.checkpoint.reader import load_weights
 from utils.distributed.process_group import process_group
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
 from utils.train.validation import evaluate
 from utils.device import DEVICE_CHOICES
 from utils.precision import DTYPES, autocast_context, sampling_precision
@@ -71,8 +72,9 @@ def read_data(args: argparse.Namespace, trained_on: str) -> tuple[np.ndarray, st
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parse_args(argv)
+        require_stdout("the results")
         with process_group(DistributedConfig(), args.device) as info:
-            state = load_checkpoint(args.checkpoint)
+            state = load_weights(args.checkpoint)
             data, source = read_data(args, state[CONFIG]["data"]["dir"])
             model = build_model(state, args.checkpoint, info.device)
             precision = sampling_precision(args.precision, state[CONFIG]["train"].get("precision"), info.device)

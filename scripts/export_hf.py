@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils.checkpoint.format import load_model
+from utils.checkpoint.reader import load_model
 from models.config import ModelConfig
 from utils.errors import ArgumentParser, UserError, run_cli
 from models.transformer import GPT

@@ -12,7 +12,6 @@ if any check failed or timed out, else 0 (skipped and not-run rows are not failu
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -20,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
+
+from utils.errors import ArgumentParser, require_stdout, run_cli
 
 # (step id, what it measures), in the order gpu_check.sh runs them
 BENCHMARKS = [("bench_default", "default 32x512, bf16"), ("bench_default_compiled", "default 32x512, bf16, compiled"),
@@ -180,11 +181,16 @@ def report(out: Path, skip: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print scripts/gpu_check.sh's table from its output folder.")
+    parser = ArgumentParser(description="Print scripts/gpu_check.sh's table from its output folder.")
     parser.add_argument("out", type=Path, help="the folder gpu_check.sh wrote its step logs to")
     parser.add_argument("--skip", default=None, help="no GPU: the reason, shown on every GPU step")
-    args = parser.parse_args(argv)
-    return report(args.out, args.skip)
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        require_stdout("the table")
+        return report(args.out, args.skip)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, resolve_device
-from utils.errors import ArgumentParser, run_cli
+from utils.errors import ArgumentParser, require_stdout, run_cli
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import format_seconds
 from utils.precision import resolve_precision
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         args, overrides = parser.parse_known_args(argv)  # inside: a usage error is one line too
+        require_stdout("the plan")
         for item in overrides:
             if item.startswith("-"):
                 parser.error(f"unrecognized argument: {item}")

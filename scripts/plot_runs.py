@@ -16,7 +16,6 @@ for a nanoGPT log of ASCII text). Needs matplotlib (requirements-dev.txt); train
 
 from __future__ import annotations
 
-import argparse
 import glob
 import math
 import re
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from utils.errors import UserError, run_cli
+from utils.errors import ArgumentParser, UserError, run_cli
 
 EVENTS = "events.out.tfevents.*"
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
@@ -152,7 +151,7 @@ def plot(curves: list[Curve], x: str, out: Path, title: str, ymax: float | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Plot train/val loss of runs (TensorBoard event files or nanoGPT logs).")
+    p = ArgumentParser(description="Plot train/val loss of runs (TensorBoard event files or nanoGPT logs).")
     p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="a log folder, a glob of them, or a nanoGPT log")
     p.add_argument("--x", choices=["step", "time", "both"], default="step", help="x axis (default: step)")
     p.add_argument("--out", default="runs.png", help="PNG to write; an SVG of the same name is written too")

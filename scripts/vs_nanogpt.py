@@ -35,7 +35,7 @@ from data.dataset import load_split
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
-from utils.errors import UserError, run_cli
+from utils.errors import ArgumentParser, UserError, run_cli
 
 DATASET = "bytegpt_bench"  # nanoGPT reads data/<dataset>/ relative to its checkout
 
@@ -91,7 +91,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Our training step against nanoGPT's train.py, alternating.",
+    p = ArgumentParser(description="Our training step against nanoGPT's train.py, alternating.",
                                 epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
     p.add_argument("--nanogpt", required=True, help="a nanoGPT checkout (e.g. /tmp/nanoGPT)")
     p.add_argument("--config", default=None)
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="pairs, alternating (default 5)")
     p.add_argument("--compiled", action="store_true", help="torch.compile both (default: both eager)")
-    args, overrides = p.parse_known_args(argv)
 
     def body() -> int:
+        args, overrides = p.parse_known_args(argv)
         if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
             raise ConfigError("--steps, --warmup and --rounds must be >= 1")
         nanogpt = Path(args.nanogpt)

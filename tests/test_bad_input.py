@@ -3,6 +3,8 @@ work or give one `error:` line and exit 2 (nothing else escapes the error bounda
 
 from __future__ import annotations
 
+import ast
+import re
 import tempfile
 from pathlib import Path
 
@@ -63,12 +65,42 @@ def test_generated_config_files_load_or_raise_config_error(content):
 @given(st.text().filter(lambda t: "\\" not in t))
 def test_a_message_quoting_any_text_stays_one_line(text):
     """The error boundary's line stays one line whatever user text it quotes (a path holding U+0085 or
-    U+2028 split it before: str.splitlines breaks on more than newlines), and nothing is lost from it."""
+    U+2028 split it before: str.splitlines breaks on more than newlines), shows every character as itself or
+    as its escape (a NUL, a control, an unpaired surrogate), and nothing is lost from it."""
     line = one_line(f"error: {text}")
-    assert len(line.splitlines()) == 1
-    for brk in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029":
-        line = line.replace(repr(brk)[1:-1], brk)
-    assert line == f"error: {text}"
+    assert len(line.splitlines()) == 1 and line.isprintable()
+    back = re.sub(r"\\(x..|u....|U........|[tnr])", lambda m: ast.literal_eval(f'"\\{m[1]}"'), line)
+    assert back == f"error: {text}"
+
+
+def absurd_yaml(kind: str, size: int, key: str) -> bytes:
+    """A config file that parses (or nearly) into something no config can be."""
+    section, name = key.split(".", 1)
+    if kind == "nesting":
+        return f"{section}: {'[' * size}{']' * size}\n".encode()
+    if kind == "mapping nesting":
+        return ("{a: " * size + "1" + "}" * size).encode()
+    if kind == "digits":
+        return f"{section}:\n  {name}: {'9' * (size + 4300)}\n".encode()
+    if kind == "NUL":
+        return f'{section}:\n  {name}: "x\\0y"\n'.encode()
+    if kind == "lone surrogate":
+        return f'{section}:\n  {name}: "\\ud{size % 1024 + 0x800:03x}"\n'.encode()
+    return f"{section}:\n  {name}: \xff\xfe\n".encode("latin-1")  # undecodable bytes
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["nesting", "mapping nesting", "digits", "NUL", "lone surrogate", "undecodable"]),
+       size=st.integers(600, 6000), key=st.sampled_from(valid_keys()))
+def test_absurd_config_files_are_one_line(capsys, tmp_path, kind, size, key):
+    """Nesting thousands deep, integers of thousands of digits, NUL, unencodable or undecodable text in any
+    key: the training entry point exits 2 with one line, before anything is written."""
+    path = tmp_path / "absurd.yaml"
+    path.write_bytes(absurd_yaml(kind, size, key))
+    code = train_single.main(["--config", str(path), f"checkpoint.dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "run").exists()
 
 
 def assert_one_line_or_success(code: int, err: str) -> None:
@@ -107,12 +139,14 @@ def checkpoint(tmp_path_factory) -> Path:
     return tmp / "run/ckpt/best_model.pt"
 
 
-ARG_VALUES = st.one_of(NASTY_NUMBERS, st.integers(-3, 12).map(str), st.text(max_size=6))
+ARG_VALUES = st.one_of(NASTY_NUMBERS, st.integers(-3, 12).map(str), st.text(max_size=6),
+                       st.floats(0, 1e-30).map(repr), st.integers(2 ** 63, 2 ** 80).map(str))
 SMALL = st.one_of(st.integers(-2, 4).map(str), st.text(max_size=4), st.sampled_from(["nan", "1e3", ""]))
-# the amount of work stays small: a huge --max-new-tokens or --num-samples is a valid (long) request
+# small amounts of work, or amounts no memory holds (refused before any allocation)
 FLAGS = st.one_of(st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--seed", "--stop", "--precision",
                                              "--device"]), ARG_VALUES),
-                  st.tuples(st.sampled_from(["--max-new-tokens", "--num-samples"]), SMALL))
+                  st.tuples(st.sampled_from(["--max-new-tokens", "--num-samples"]),
+                            st.one_of(SMALL, st.integers(10 ** 13, 10 ** 30).map(str))))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,

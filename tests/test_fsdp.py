@@ -138,7 +138,7 @@ def test_reshard_continues_the_loss_curve(runs, name, reference):
 @pytest.mark.slow
 def test_converted_checkpoint_gives_the_sharded_models_logits(runs, tmp_path):
     """convert_checkpoint.py's file loads in inference: the logits of the 2-rank sharded model, and samples."""
-    from utils.checkpoint.format import load_model
+    from utils.checkpoint.reader import load_model
     from tests.helpers.fsdp_probe import PROBE_INPUT
 
     out = tmp_path / "model.pt"

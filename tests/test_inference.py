@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
 from utils.text import unescape
 from utils.generation import TextStream, generate_text
-from utils.checkpoint.format import load_model
+from utils.checkpoint.reader import load_model
 from models.config import ModelConfig
 from models.transformer import GPT, filter_logits, sample_next
 

@@ -114,6 +114,13 @@ def cpu_bf16_support() -> str:
     return next((f.upper() for f in ("amx_bf16", "avx512_bf16") if f in flags.split()), "no native bf16")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on the device: the GPU's free memory, or the host's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model, core count and native bf16 support."""
     if device.type == "cuda":

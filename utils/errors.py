@@ -2,9 +2,11 @@
 
 Library code raises a `UserError` subclass with the fix in its message; `run_cli` prints it as
 one `error: ...` line and exits 2. An OSError (a full disk, a read-only or missing folder, a
-permission) becomes one line naming the path and the errno. Anything else is a bug and keeps its
-traceback. Exit codes: 0 done, 2 bad input or environment, 75 preempted with a checkpoint saved,
-130 interrupted twice (Ctrl-C), 141 stdout closed early (`| head`), 1 a bug.
+permission) becomes one line naming the path and the errno; running out of memory, one line saying so.
+Anything else is a bug: one line saying so, its type and message, and the file its full traceback
+was written to. `install_startup_boundary` extends the same to the imports before main() runs (a
+Ctrl-C while torch loads, a missing dependency). Exit codes: 0 done, 2 bad input or environment,
+75 preempted with a checkpoint saved, 130 interrupted (Ctrl-C), 141 stdout closed early (`| head`), 1 a bug.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import errno
 import json
 import os
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from types import TracebackType
+from pathlib import Path
 from typing import Callable
 
 EXIT_OK = 0
+EXIT_BUG = 1
 EXIT_USER = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run again with --resume auto to continue
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -35,13 +43,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-# every character str.splitlines() breaks on, written as its escape
-_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+def _escape(c: str) -> str:
+    """A character a terminal would not show as itself (a line break of any kind, a control or NUL, an
+    unpaired surrogate from undecodable argv bytes), as its escape; any other character unchanged."""
+    if c.isprintable():
+        return c
+    return repr(c)[1:-1] if c.isascii() else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
 def one_line(text: str) -> str:
-    """A message stays one line even when it quotes user input holding line breaks (of any kind)."""
-    return text.translate(_LINE_BREAKS)
+    """A message stays one visible line even when it quotes user input holding line breaks or control bytes."""
+    return "".join(map(_escape, text)) if not text.isprintable() else text
 
 
 def describe_os_error(e: OSError) -> str:
@@ -64,12 +76,67 @@ def say(line: str) -> None:
             pass  # the report then says less; the line above was printed all the same
 
 
+def require_stdout(what: str) -> None:
+    """For a tool whose product is its standard output: refuse to start when there is none (`>&-`)."""
+    if sys.stdout is None:
+        raise UserError(f"standard output is closed, so {what} would go nowhere; redirect it to a file instead")
+
+
+def report_bug(kind: type[BaseException], e: BaseException, tb: TracebackType | None) -> int:
+    """A bug: one line naming it and the file its full traceback went to (the terminal only if no file
+    can be written). Returns the exit code."""
+    text = "".join(traceback.format_exception(kind, e, tb))
+    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+    name = f"bytegpt-{prog}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.traceback"
+    try:
+        path = Path(tempfile.gettempdir()) / name
+        path.write_text(text)
+        where = f"its traceback is in {path}"
+    except OSError:
+        print(text, file=sys.stderr, end="")
+        where = "its traceback is above"
+    say(f"error: a bug, not your input: {one_line(f'{kind.__name__}: {e}')[:500]}; {where}; please report it")
+    return EXIT_BUG
+
+
+def _uncaught(kind: type[BaseException], e: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        say("error: interrupted while starting; nothing was written")
+        os._exit(EXIT_INTERRUPTED)  # nothing to flush or save yet; the interpreter's exit would re-raise
+    if issubclass(kind, UserError):  # raised outside run_cli (an entry point parsing its flags first)
+        say(f"error: {one_line(str(e))}")
+        os._exit(EXIT_USER)
+    if issubclass(kind, ImportError) and getattr(e, "name", None):
+        say(f"error: {one_line(str(e))}; install the requirements: pip install -r requirements.txt")
+        os._exit(EXIT_USER)
+    report_bug(kind, e, tb)
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, OSError):
+        return  # a writer thread's full disk: its owner raises it again at the next write (TensorBoard does)
+    report_bug(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+
+
+def install_startup_boundary() -> None:
+    """From here until run_cli takes over, an exception no code catches is one line too: a Ctrl-C while the
+    imports load (torch takes seconds), a missing dependency, a bug at import; and, for the whole run, one
+    in a background thread. Run by importing any package of ours (utils/__init__.py), which every entry
+    point does before it imports torch."""
+    sys.excepthook = _uncaught
+    threading.excepthook = _thread_failed
+
+
 def run_cli(body: Callable[[], int]) -> int:
-    """Run an entry point's body and turn user errors into one line and an exit code."""
+    """Run an entry point's body and turn every failure into one line and an exit code."""
     try:
         return body()
     except UserError as e:
         say(f"error: {one_line(str(e))}")
+        return EXIT_USER
+    except MemoryError:
+        say("error: out of memory: this request needs more memory than the machine has; ask for less "
+            "(a smaller batch, model, sample count or length)")
         return EXIT_USER
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly; point stdout at /dev/null so the
@@ -82,3 +149,9 @@ def run_cli(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         say("error: interrupted; nothing was saved by this interruption (earlier checkpoints are intact)")
         return EXIT_INTERRUPTED
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's (CUDA, MPS), without importing torch here
+            say(f"error: out of memory on the device: {one_line(str(e).splitlines()[0])}; ask for less "
+                f"(a smaller batch, model, sample count or length)")
+            return EXIT_USER
+        return report_bug(type(e), e, e.__traceback__)

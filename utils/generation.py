@@ -10,6 +10,24 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from utils.device import free_memory
+from utils.errors import UserError
+
+
+def check_sampling_fits(model: nn.Module, prompt_len: int, max_new_tokens: int, num_samples: int) -> None:
+    """Refuse a request whose batch cannot be held, before any of it is allocated: per sample the KV
+    cache (keys and values of every layer over the context), the prefill's activations and logits over
+    one context window, and the token ids of prompt and continuation."""
+    cfg, dtype_bytes = model.cfg, model.tok_emb.weight.element_size()
+    window = min(cfg.context_length, prompt_len + max_new_tokens)
+    per_sample = (2 * cfg.n_layers * cfg.context_length * cfg.dim * dtype_bytes
+                  + window * (4 * cfg.dim + cfg.ffn_dim + cfg.vocab_size) * 4 + 8 * (prompt_len + max_new_tokens))
+    need, free = num_samples * per_sample, free_memory(model.tok_emb.weight.device)
+    if need > free:
+        raise UserError(f"{num_samples:,} samples of {prompt_len + max_new_tokens:,} tokens need ~{need / 2**30:,.1f} "
+                        f"GiB, more than the {free / 2**30:.1f} GiB free; ask for fewer --num-samples or "
+                        f"--max-new-tokens")
+
 
 
 class TextStream:
@@ -52,6 +70,7 @@ def generate_text(model: nn.Module, prompt: bytes, max_new_tokens: int, temperat
     Returns the continuations and the number of tokens they took (a stop string ends a sample
     early). Sample 0 streams through `write`, prompt first, as its characters complete.
     """
+    check_sampling_fits(model, len(prompt), max_new_tokens, num_samples)
     device = model.tok_emb.weight.device
     idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device)

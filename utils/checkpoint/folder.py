@@ -40,8 +40,10 @@ class Checkpointer:
     failure is raised on every rank, so no rank waits for a file that will never come.
     """
 
-    def __init__(self, directory: str | Path, keep_last: int, info: DistInfo, sharded: bool = False) -> None:
+    def __init__(self, directory: str | Path, keep_last: int, info: DistInfo, sharded: bool = False,
+                 verify: bool = True) -> None:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
+        self.verify = verify  # checksums at load: every byte read once more (~0.1 s per GB, measured)
         self.sharded = sharded  # FSDP: one DCP folder per save (utils/checkpoint/sharded.py), written by every rank
 
     def step_path(self, step: int) -> Path:
@@ -119,13 +121,15 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict:
         """A checkpoint's state; for a sharded folder, everything but the tensors (restore() loads those)."""
+        if self.sharded and path.is_file():
+            raise CheckpointError(f"{path} is a single-file checkpoint (one process or DDP), and distributed."
+                                  f"strategy=fsdp resumes sharded folders; resume it with distributed.strategy=ddp")
+        verify = self.verify and self.info.is_main  # rank 0 decides what to resume; the bytes are the same for all
         if path.is_dir():
             from utils.checkpoint import sharded as sharded_checkpoint  # imported only where sharded: DCP costs ~1.5 s
 
-            if not sharded_checkpoint.is_complete(path):
-                raise CheckpointError(f"{path} is not a complete sharded checkpoint (no .metadata or extra.pt)")
-            return sharded_checkpoint.read_extra(path)
-        return load_checkpoint(path)
+            return sharded_checkpoint.read_extra(path, verify)
+        return load_checkpoint(path, verify=verify)
 
     def restore(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Collective for a sharded folder: weights and optimizer state into a (possibly sharded) model."""

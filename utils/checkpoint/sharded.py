@@ -2,10 +2,12 @@
 rank in parallel, loadable on any number of ranks (DCP reshards on load).
 
 A folder holds DCP's shard files (`__R_0.distcp`, ...) with its `.metadata`, plus `extra.pt` (the
-small non-tensor state: trainer counters, scheduler, scaler, RNG, config). Every rank writes into a
-hidden temporary folder; rank 0 renames it into place only after DCP has written `.metadata` (the
-last file, once every rank's shards are written) and extra.pt is fsynced. So a crash at any moment
-leaves either the complete folder or none: a half-written one is never taken as valid.
+small non-tensor state: trainer counters, scheduler, scaler, RNG, config) and `checksums.json` (the
+CRC-32 of every shard and of `.metadata`, each rank hashing a share of the files). Every rank writes
+into a hidden temporary folder; rank 0 renames it into place only after DCP has written `.metadata`
+(the last file, once every rank's shards are written) and extra.pt is fsynced. So a crash at any
+moment leaves either the complete folder or none, and `verify_folder` refuses a folder with a shard
+missing, cut short or changed since (a flipped bit).
 
 Plain functions; the caller decides the folder names and when to save. The model may be FSDP2
 sharded, DDP-wrapped's inner module, or plain; without a process group DCP runs in one process.
@@ -13,8 +15,10 @@ sharded, DDP-wrapped's inner module, or plain; without a process group DCP runs 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -23,10 +27,12 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from utils.checkpoint.format import CONFIG, MODEL, OPTIMIZER, CheckpointError, save_checkpoint
+from utils.checkpoint.format import (CONFIG, FORMAT, MODEL, OPTIMIZER, CheckpointError, check_state,
+                                     verify_crc)
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"
+CHECKSUMS = "checksums.json"
 
 
 def _rank() -> int:
@@ -36,6 +42,27 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _checksums(tmp: Path) -> dict[str, str]:
+    """Collective: the CRC-32 of every file DCP wrote, each rank hashing every world_size-th one (the
+    files are fresh in the page cache of the node that wrote them, or of the shared file system)."""
+    files = sorted(p.name for p in tmp.iterdir() if p.name != EXTRA)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = {name: crc32(tmp / name) for name in files[_rank()::world]}
+    if not dist.is_initialized():
+        return mine
+    shares: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {name: crc for share in shares for name, crc in (share or {}).items()}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -68,34 +95,72 @@ def save_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({MODEL: model_state, OPTIMIZER: optim_state}, checkpoint_id=str(tmp))
-    if _rank() == 0:  # dcp.save returned on rank 0: every rank's shards and .metadata are written
+    checksums = _checksums(tmp)  # dcp.save has returned: every rank's shards and .metadata are written
+    if _rank() == 0:
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
         torch.save(extra_state, tmp / EXTRA)
         _fsync_tree(tmp)
         _publish(tmp, folder)
     _barrier()
 
 
-def is_complete(folder: str | Path) -> bool:
-    """A published folder: DCP's metadata and the extra state are both there."""
-    folder = Path(folder)
-    return not folder.name.startswith(".") and (folder / METADATA).is_file() and (folder / EXTRA).is_file()
-
-
-def read_extra(folder: str | Path) -> dict:
-    """The non-tensor state of a complete folder (config, counters, RNG), on the CPU."""
-    folder = Path(folder)
-    if not is_complete(folder):
-        raise CheckpointError(f"{folder} is not a complete sharded checkpoint (no {METADATA} or {EXTRA}); "
-                              f"a save was cut short: resume from an earlier folder")
+def verify_folder(folder: Path, checksums: bool = True) -> None:
+    """Refuse, in one line naming the file, a folder that is not a whole sharded checkpoint: a file of
+    the layout missing, `.metadata` that DCP cannot read, a shard it names missing or shorter than the
+    bytes it places there, and (checksums) any file whose CRC-32 differs from the one saved."""
+    what = f"{folder} is not a complete sharded checkpoint"
+    for name in (METADATA, EXTRA, CHECKSUMS):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{what}: {name} is missing (a save cut short, or not a checkpoint folder); "
+                                  f"use an earlier checkpoint")
     try:
-        return torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        storage = dcp.FileSystemReader(str(folder)).read_metadata().storage_data
+        ends: dict[str, int] = {}
+        for item in storage.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except Exception as e:  # unpickling foreign bytes, JSON garbage, a metadata without storage
+        raise CheckpointError(f"{what}: its {METADATA} or {CHECKSUMS} is unreadable ({type(e).__name__}); use an "
+                              f"earlier checkpoint") from None
+    for name, end in sorted(ends.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointError(f"{what}: shard {name}, named by its {METADATA}, is missing; use an earlier checkpoint")
+        if shard.stat().st_size < end:
+            raise CheckpointError(f"{what}: shard {name} is cut short ({shard.stat().st_size:,} of {end:,} bytes); "
+                                  f"use an earlier checkpoint")
+    if not isinstance(sums, dict) or (set(ends) | {METADATA}) - set(sums):
+        raise CheckpointError(f"{what}: its {CHECKSUMS} does not list every shard; use an earlier checkpoint")
+    for name, crc in sorted(sums.items()) if checksums else ():
+        if not (folder / name).is_file() or crc32(folder / name) != crc:
+            raise CheckpointError(f"{folder / name} is damaged: it fails its CRC-32 check (the bytes changed after "
+                                  f"the save: a bad disk, memory or copy); use an earlier checkpoint")
+    if checksums:
+        verify_crc(folder / EXTRA)
+
+
+def is_complete(folder: str | Path) -> bool:
+    """A published folder holding every file of the layout (verify_folder says what is wrong with one)."""
+    folder = Path(folder)
+    return not folder.name.startswith(".") and all((folder / n).is_file() for n in (METADATA, EXTRA, CHECKSUMS))
+
+
+def read_extra(folder: str | Path, verify: bool = True) -> dict:
+    """The non-tensor state of a whole folder (config, counters, RNG), on the CPU; `verify` checks every
+    shard's size and checksum first."""
+    folder = Path(folder)
+    verify_folder(folder, checksums=verify)
+    try:
+        extra = torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{folder / EXTRA} is not readable: {str(e).splitlines()[0][:120]}") from None
+    check_state(extra, folder / EXTRA, required=(CONFIG, FORMAT))
+    return extra
 
 
 def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective: load model and optimizer state in place, resharded to this world size; returns extra."""
-    extra = read_extra(folder)
+    extra = read_extra(folder, verify=False)  # verified when chosen (Checkpointer.load)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {MODEL: model_state, OPTIMIZER: optim_state}
     dcp.load(state, checkpoint_id=str(folder))  # the caller has checked the model config matches
@@ -117,15 +182,10 @@ def full_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]
 
     extra = read_extra(folder)
     weights = GPT(config_from_dict(extra[CONFIG]).model).state_dict()  # the keys and shapes to read
-    dcp.load({MODEL: weights}, checkpoint_id=str(folder))  # no process group: one process
+    try:
+        dcp.load({MODEL: weights}, checkpoint_id=str(folder))  # no process group: one process
+    except Exception as e:  # DCP wraps each rank's failure in its own exception types
+        raise CheckpointError(f"{folder} could not be read as its config's model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return weights, extra
 
-
-def convert(folder: str | Path, out_file: str | Path) -> None:
-    """Write the single-file format (weights, config, counters; no optimizer state) atomically.
-
-    The result loads in inference.py, scripts/evaluate.py and scripts/export_hf.py; it cannot
-    resume training (the optimizer stays in the folder, which --resume takes directly).
-    """
-    weights, extra = full_model_state(folder)
-    save_checkpoint({**extra, MODEL: weights}, out_file)

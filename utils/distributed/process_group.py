@@ -17,7 +17,7 @@ import torch.nn as nn
 from models.config import DistributedConfig
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.distributed.rendezvous import env_ranks, group_store
+from utils.distributed.rendezvous import env_ranks, join
 from utils.distributed.watchdog import Watchdog
 
 
@@ -49,8 +49,12 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
         yield DistInfo(0, 0, 1, device, None)
         return
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"distributed.backend=nccl runs on CUDA devices only, and this rank runs on {device}; use "
+                        f"distributed.backend=gloo (or auto)")
     timeout = timedelta(seconds=cfg.timeout_s)
-    store, host = group_store(rank, world_size, timeout)
+    store, host = join(rank, world_size, timedelta(seconds=cfg.join_timeout_s))
+    store.set_timeout(timeout)
     watchdog = Watchdog(store, rank, world_size, host)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:

@@ -22,6 +22,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from utils.errors import UserError
+
+JOINED_KEY = "bytegpt/joined"  # in the group's store: how many ranks have arrived
 ANNOUNCE_KEY = "bytegpt/group_store"  # in the agent's store: "<port> <nonce>" of the current group's store
 NONCE_KEY = "bytegpt/nonce"  # in the group's store: proves a store found at an announced port is that one
 PROBE = timedelta(seconds=3)  # an announced store is up before it is announced, so this only waits out load
@@ -45,6 +48,27 @@ def slurm_master_addr(nodelist: str) -> str:
     first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
     # every bracket, e.g. both in 'rack[1-2]-node[01-04]', starts at its first number
     return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first)
+
+
+def join(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:
+    """The group's store once every rank has reached it, and rank 0's host; one UserError line on every rank
+    that waited `timeout` in vain (for rank 0's store, or for the last ranks), saying what it saw."""
+    host = os.environ.get("MASTER_ADDR", "?")
+    try:
+        store, host = group_store(rank, world_size, timeout)
+    except (dist.DistError, RuntimeError, TimeoutError):  # DistError: torch >= 2.3; older raise RuntimeError
+        raise UserError(f"rank {rank}: rank 0's store at {host}:{os.environ.get('MASTER_PORT', '29500')} did not "
+                        f"answer within {timeout.total_seconds():.0f} s (distributed.join_timeout_s); rank 0 may have "
+                        f"been refused at start (see its error) or MASTER_ADDR/MASTER_PORT may be wrong") from None
+    store.add(JOINED_KEY, 1)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while (joined := store.add(JOINED_KEY, 0)) < world_size:
+        if time.monotonic() > deadline:
+            raise UserError(f"rank {rank}: only {joined} of {world_size} ranks joined within "
+                            f"{timeout.total_seconds():.0f} s (distributed.join_timeout_s); a rank may have been "
+                            f"refused at start (see its error), or the launch started fewer processes than WORLD_SIZE")
+        time.sleep(0.05)
+    return store, host
 
 
 def group_store(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:

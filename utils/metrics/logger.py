@@ -1,6 +1,10 @@
 """Measuring a run: the throughput meter (time inside optimizer steps, tokens/s, MFU, ETA) and the
 logger that writes console lines, logs/train_<run>.log, logs/train_<run>.metrics.jsonl, TensorBoard
 events and optionally Weights & Biases (rank 0 only; the sinks are in utils/metrics/sinks.py).
+
+A side writer that fails (a full disk, a vanished folder, W&B's own errors) is switched off and its
+failure kept in `failure`, one line naming the file; the trainer reads it after the step, saves a
+checkpoint with every rank and stops with that line. It never surfaces as a thread's traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from models.config import LoggingConfig
 from utils.device import synchronize
+from utils.errors import describe_os_error
 from utils.metrics.flops import model_flops_utilization
 from utils.metrics.sinks import JsonlSink, WandbSink, require_wandb
 
@@ -86,6 +91,8 @@ class MetricsLogger:
         logging = logging or LoggingConfig()
         require_wandb(logging)  # before anything is written, on every rank
         self.is_main = is_main
+        self.failure: str | None = None  # the first side write that failed, as one line
+        self._off: set[str] = set()  # the writers switched off by a failure
         self.run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.file = self.tb = self.path = self.tb_dir = self.jsonl = self.wandb = None
         if is_main:
@@ -103,50 +110,51 @@ class MetricsLogger:
             if logging.wandb:
                 self.wandb = WandbSink(logging, config or {}, self.run_name, log_dir)
 
+    def _write(self, writer: str, write: Callable[[], object]) -> None:
+        """One side write on rank 0; the first failure switches that writer off and is kept as `failure`."""
+        if not self.is_main or writer in self._off or (writer == "W&B" and self.wandb is None):
+            return
+        try:
+            write()
+        except Exception as e:  # OSError from the files and TensorBoard's writer thread; W&B raises its own types
+            self._off.add(writer)
+            why = describe_os_error(e) if isinstance(e, OSError) else f"{type(e).__name__}: {str(e)[:160]}"
+            self.failure = self.failure or f"could not write the {writer} ({why})"
+
     def info(self, msg: str) -> None:
         if self.is_main:
             from tqdm import tqdm
 
             tqdm.write(msg)
-            self.file.write(msg + "\n")
+            self.file_only(msg)
 
     def file_only(self, msg: str) -> None:
         """For the log file alone (the full resolved config), not the console."""
-        if self.is_main:
-            self.file.write(msg + "\n")
+        self._write("text log", lambda: self.file.write(msg + "\n"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-            self.jsonl.scalars(step, values)
-        if self.wandb is not None:
-            self.wandb.scalars(step, values)
+        self._write("TensorBoard events", lambda: [self.tb.add_scalar(k, v, step) for k, v in values.items()])
+        self._write("metrics file", lambda: self.jsonl.scalars(step, values))
+        self._write("W&B", lambda: self.wandb.scalars(step, values))
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.tb is not None:
-            # TensorBoard renders markdown; a code block keeps the sample's own line breaks
-            self.tb.add_text(tag, "```\n" + text + "\n```", step)
-        if self.wandb is not None:
-            self.wandb.text(tag, text, step)
+        # TensorBoard renders markdown; a code block keeps the sample's own line breaks
+        self._write("TensorBoard events", lambda: self.tb.add_text(tag, "```\n" + text + "\n```", step))
+        self._write("W&B", lambda: self.wandb.text(tag, text, step))
 
     def event(self, step: int, row: dict[str, object], tag: str, line: str) -> None:
         """An event (run health): its row in metrics.jsonl, a mark and its line in TensorBoard."""
-        if self.tb is not None:
-            self.jsonl.row(step, row)
-            self.tb.add_scalar(f"{tag}/event", 1.0, step)  # a mark on the timeline at the event's step
-            self.tb.add_text(tag, line, step)
-        if self.wandb is not None:
-            self.wandb.text(tag, line, step)
+        self._write("metrics file", lambda: self.jsonl.row(step, row))
+        # a mark on the timeline at the event's step, and its line
+        self._write("TensorBoard events", lambda: (self.tb.add_scalar(f"{tag}/event", 1.0, step),
+                                                   self.tb.add_text(tag, line, step)))
+        self._write("W&B", lambda: self.wandb.text(tag, line, step))
 
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
-        if self.tb is not None:
-            self.tb.add_hparams(hparams, metrics, run_name=".")
+        self._write("TensorBoard events", lambda: self.tb.add_hparams(hparams, metrics, run_name="."))
 
     def close(self) -> None:
-        if self.is_main:
-            self.tb.close()
-            self.jsonl.close()
-            self.file.close()
-        if self.wandb is not None:
-            self.wandb.close()
+        self._write("TensorBoard events", lambda: self.tb.close())
+        self._write("metrics file", lambda: self.jsonl.close())
+        self._write("text log", lambda: self.file.close())
+        self._write("W&B", lambda: self.wandb.close())

@@ -8,14 +8,14 @@ import hashlib
 import math
 import os
 from pathlib import Path
-
-import torch
+from typing import Callable, TypeVar
 
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.format import CheckpointError
+from utils.device import free_memory
 from utils.distributed.process_group import DistInfo, gather_object
 from utils.errors import UserError
 
@@ -27,7 +27,23 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+T = TypeVar("T")
+
 NODE_LOCAL = {"data.dir", "checkpoint.dir", "logging.dir"}
+
+
+def on_every_rank(info: DistInfo, checks: Callable[[], T]) -> T:
+    """Run this rank's own checks (its data, its memory, its files), then hear every rank's verdict: if
+    any rank refused, every rank raises, naming it, so no rank goes on to write while another stops."""
+    try:
+        result, refusal = checks(), None
+    except UserError as e:
+        result, refusal = None, str(e)
+    refusals = [(rank, why) for rank, why in enumerate(gather_object(refusal, info)) if why]
+    if refusals:
+        rank, why = refusals[0]
+        raise UserError(why if rank == info.rank or info.world_size == 1 else f"rank {rank} refused the start: {why}")
+    return result  # type: ignore[return-value]
 
 
 def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
@@ -72,10 +88,7 @@ def check_memory(cfg: Config, info: DistInfo) -> None:
     """Refuse a model whose training state cannot fit in this rank's free device memory, before anything
     is allocated."""
     n, need = state_bytes_per_rank(cfg, info.world_size)
-    if info.device.type == "cuda":
-        free = torch.cuda.mem_get_info(info.device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = free_memory(info.device)
     if need > free:
         fsdp = cfg.distributed.strategy == "fsdp"
         hint = ", or shard them with distributed.strategy=fsdp" if info.world_size > 1 and not fsdp else ""

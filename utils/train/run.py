@@ -34,7 +34,7 @@ from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import MetricsLogger, ThroughputMeter
 from utils.train.oom import adopt_backoff
-from utils.train.preflight import check_fits, check_memory, check_ranks_agree, check_writable
+from utils.train.preflight import check_fits, check_memory, check_ranks_agree, check_writable, on_every_rank
 from utils.train.optim import build_optimizer, build_scheduler
 from utils.precision import Precision, autocast_context, grad_scaler, resolve_precision
 from utils.metrics.sinks import require_wandb
@@ -48,7 +48,8 @@ Wrap = Callable[[nn.Module, Precision], nn.Module]  # parallelisation, given the
 
 # -- checks (nothing written; the checks themselves are in utils/train/preflight.py) -------------
 def checkpointer_for(cfg: Config, info: DistInfo) -> Checkpointer:
-    return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.strategy == "fsdp")
+    return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.strategy == "fsdp",
+                        verify=cfg.checkpoint.verify)
 
 
 def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo) -> tuple[str, dict] | None:
@@ -66,7 +67,8 @@ def decide_resume(checkpointer: Checkpointer, resume: str | None, info: DistInfo
         raise decision
     if not decision:
         return None
-    return decision, found[1] if found else checkpointer.load(Path(decision))  # rank 0 loaded it already
+    # rank 0 loaded it already; another node may not see the file
+    return decision, on_every_rank(info, lambda: found[1] if found else checkpointer.load(Path(decision)))
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -202,18 +204,22 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     backoff = None
     if resumed:
         cfg, backoff = adopt_backoff(cfg, resumed[1][ckpt.CONFIG])
-    plan, val_data = load_data(cfg, info)
-    Validator.check_feasible(val_data, cfg.eval)
-    notes = start_warnings(cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
-    notes += [backoff] if backoff else []
+
+    def local_checks() -> tuple[BatchPlan, np.ndarray, list[str]]:  # this rank's data, memory and folders
+        plan, val_data = load_data(cfg, info)
+        Validator.check_feasible(val_data, cfg.eval)
+        notes = start_warnings(cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
+        check_memory(cfg, info)
+        require_wandb(cfg.logging)
+        if info.is_main:
+            check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
+            check_writable(Path(cfg.logging.dir), "logging.dir")
+        return plan, val_data, notes + ([backoff] if backoff else [])
+
+    plan, val_data, notes = on_every_rank(info, local_checks)
     if info.is_main:
         for line in notes:  # on the console now, in the log file once it exists
             print(line)
-    check_memory(cfg, info)
-    require_wandb(cfg.logging)
-    if info.is_main:
-        check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
-        check_writable(Path(cfg.logging.dir), "logging.dir")
 
     # accepted: from here on the run writes
     checkpointer.accept(config_to_yaml(cfg))
@@ -231,6 +237,9 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
                 trainer.restore(resumed[1], resumed[0])
             elif resume == "auto":
                 logger.info(f"no checkpoint in {cfg.checkpoint.dir}; starting fresh")
-            return trainer.fit()
+            code = trainer.fit()
     finally:
         logger.close()
+    if logger.failure:  # at the run's last writes (a failure during training stopped it already)
+        raise UserError(f"{logger.failure}; the training finished and its checkpoints are saved")
+    return code

@@ -33,6 +33,6 @@ class StopFlag:
             raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
         self.received = signal.Signals(signum).name
 
-    def should_stop(self, info: DistInfo) -> bool:
-        """Collective: True on every rank if any rank received a stop signal."""
-        return any_rank(self.received is not None, info)
+    def should_stop(self, info: DistInfo, failing: bool = False) -> bool:
+        """Collective: True on every rank if any rank received a stop signal (or is `failing`)."""
+        return any_rank(self.received is not None or failing, info)

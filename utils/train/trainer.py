@@ -21,8 +21,10 @@ from models.config import Config
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
-from utils.distributed.process_group import DistInfo, all_reduce_mean, gather_object, maybe_no_sync, unwrap
-from utils.errors import EXIT_OK, EXIT_PREEMPTED
+from utils.checkpoint.format import CheckpointError
+from utils.distributed.process_group import (DistInfo, all_reduce_mean, broadcast_object, gather_object, maybe_no_sync,
+                                            unwrap)
+from utils.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from utils.metrics.logger import MetricsLogger, ThroughputMeter, format_seconds
 from utils.distributed.parallel import clip_grad_norm
 from utils.train.guard import HealthGuard
@@ -187,9 +189,25 @@ class Trainer:
         self.log.info(f"saved {self.checkpointer.save(self.raw, self.optimizer, self.extra_state(), self.step)}")
         self.guard.take_snapshot()
 
+    def stop_for_side_writer(self, failure: str) -> None:
+        """A log, metrics or W&B write failed: keep the training done since the last checkpoint if the disk
+        still takes one, then stop with one line either way."""
+        last = self.checkpointer.step_files()[-1][0] if self.checkpointer.step_files() else None
+        try:
+            self.save()
+        except CheckpointError as e:
+            since = f"since step {last}" if last is not None else "since the start"
+            raise UserError(f"{failure}; a checkpoint could not be saved either ({e}): the {self.step - (last or 0)} "
+                            f"steps {since} are lost; fix the disk, then continue with --resume auto") from None
+        raise UserError(f"{failure}; saved step {self.step} first: fix the disk or folder, then continue with "
+                        f"--resume auto")
+
     def stop_reason(self) -> str | None:
         """Why to stop after this step, the same on every rank; None to go on. Collective."""
-        if self.stop.should_stop(self.info):
+        if self.stop.should_stop(self.info, failing=self.log.failure is not None):
+            failure = broadcast_object(self.log.failure, self.info)  # rank 0 writes the logs
+            if failure:
+                return failure
             return f"stop signal received ({self.stop.received or 'on another rank'})"
         if self.step == self.cfg.stop_at_step:
             return f"train.stop_at_step={self.cfg.stop_at_step} reached"
@@ -216,6 +234,8 @@ class Trainer:
             if due(self.step, self.eval_every) or last:
                 val = self.validate()
             stop = self.stop_reason()
+            if stop and stop.startswith("could not write"):
+                self.stop_for_side_writer(stop)
             if due(self.step, self.save_every) or last or stop:
                 self.save()
             if stop:

@@ -15,6 +15,7 @@ from data.dataset import DataError
 from models.config import EvalConfig
 from utils.distributed.process_group import DistInfo, all_reduce_sum, unwrap, without_ddp
 from utils.progress import progress
+from utils.text import to_bytes
 
 
 
@@ -93,9 +94,9 @@ class Validator:
         if not (self.info.is_main or self.sharded):
             return ""
         g = torch.Generator(device=self.info.device).manual_seed(0)
-        prompt = torch.tensor([list(self.cfg.sample_prompt.encode())], device=self.info.device)
+        prompt = torch.tensor([list(to_bytes(self.cfg.sample_prompt))], device=self.info.device)
         was_training = self.raw.training
         self.raw.eval()
         out = bytes(int(t) for t in self.raw.generate(prompt, self.cfg.sample_tokens, temperature=0.8, generator=g))
         self.raw.train(was_training)
-        return (self.cfg.sample_prompt.encode() + out).decode("utf-8", errors="replace")
+        return (to_bytes(self.cfg.sample_prompt) + out).decode("utf-8", errors="replace")
