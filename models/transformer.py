@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
+from models.init import Place, init_parameters, whole
 
 
 def rms_norm_fp32(norm: nn.RMSNorm, x: Tensor) -> Tensor:
@@ -138,7 +139,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """seed: of the initial weights, which depend on it alone (models/init.py), not on torch's global generator."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = False
@@ -150,25 +153,39 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.context_length, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        if cfg.pos_emb == "rope":  # not saved: computed by init_weights
+            shape = (cfg.context_length, cfg.dim // cfg.n_heads)
+            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        if not self.tok_emb.weight.is_meta:  # a build on the meta device has no storage yet: init_weights later
+            self.init_weights(seed)
+
+    def init_distributions(self) -> dict[Tensor, tuple[float, float]]:
+        """Each parameter's initial (mean, std), GPT-2's init (Radford et al. 2019): N(0, 0.02) for every
+        linear weight and embedding table, biases 0 and norm gains 1."""
+        start = {}
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                start[m.weight] = (0.0, 0.02)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                start[m.weight] = (1.0, 0.0)
+            if getattr(m, "bias", None) is not None:
+                start[m.bias] = (0.0, 0.0)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers), one pair per block
+        proj_std = 0.0 if self.cfg.zero_init_proj else 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
-                if cfg.zero_init_proj:
-                    nn.init.zeros_(proj.weight)
-                else:
-                    nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                start[proj.weight] = (0.0, proj_std)
+        return start
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_weights(self, seed: int, place: Place = whole) -> None:
+        """Every parameter from (seed, its name) (models/init.py), and the RoPE tables. Called by the constructor,
+        and after `to_empty` for a model built on the meta device (FSDP: place keeps each rank's shard)."""
+        init_parameters(self, self.init_distributions(), seed, place)
+        if self.pos_emb is None:
+            cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.context_length, self.cfg.rope_base)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters (shared ones once); non_embedding drops the lookup tables, as for FLOPs."""

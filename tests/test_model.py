@@ -52,6 +52,28 @@ def test_head_is_tied_and_params_counted_once():
     assert untied.num_params() == model.num_params() + 256 * 32
 
 
+def test_initial_weights_depend_on_the_seed_and_the_name_alone():
+    """Each parameter starts from (seed, its name): not torch's global generator, not the other parameters
+    (a tied head is initialised once, as the embedding); GPT-2's distributions."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128, context_length=16, qk_norm=True)
+    torch.manual_seed(1)
+    model = GPT(cfg, seed=5)
+    torch.manual_seed(2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), GPT(cfg, seed=5).parameters()))
+    untied = GPT(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}), seed=5)
+    assert torch.equal(untied.tok_emb.weight, model.tok_emb.weight)
+    assert not torch.equal(untied.lm_head.weight, untied.tok_emb.weight)
+    assert not torch.equal(GPT(cfg, seed=6).tok_emb.weight, model.tok_emb.weight)
+    block = model.blocks[1]
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mlp.proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)  # 1 / sqrt(2 * n_layers)
+    assert torch.equal(block.norm1.weight, torch.ones(64)) and torch.equal(block.attn.k_norm.weight, torch.ones(16))
+    assert not block.mlp.fc.bias.any() and not block.norm1.bias.any()
+    zero = GPT(ModelConfig(**{**cfg.__dict__, "zero_init_proj": True}), seed=5)
+    assert not zero.blocks[0].attn.proj.weight.any() and torch.equal(zero.blocks[0].attn.qkv.weight,
+                                                                      model.blocks[0].attn.qkv.weight)
+
+
 def test_loss_is_cross_entropy_and_ignores_minus_one():
     """forward returns (B, T, vocab) logits and the mean loss over targets that are not -1."""
     model = tiny()

@@ -5,6 +5,10 @@ The model stays a plain GPT. DDP wraps it; FSDP2 (`fully_shard`) shards each blo
 root (embeddings, final norm, head) in place, so parameter names and `unwrap` are unchanged and
 the optimizer is built on the sharded (DTensor) parameters afterwards. With one process FSDP has
 nothing to shard: the model stays as it is and only the checkpoint format differs.
+
+On several ranks FSDP's model is built on the meta device, sharded there, and only then given storage
+(`materialize`): each rank allocates and initialises its own shards, so no rank ever holds the whole
+model, and the weights are the ones every other strategy starts from (models/init.py).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from models.config import DistributedConfig
+from models.transformer import GPT
 from utils.distributed.process_group import DistInfo, group_mesh, unwrap, without_ddp
 from utils.precision import Precision
 
@@ -24,6 +29,11 @@ def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
         bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         static_graph=cfg.static_graph)
+
+
+def shards(cfg: DistributedConfig, info: DistInfo) -> bool:
+    """FSDP over several ranks: the model is sharded, so it is built on the meta device (materialize)."""
+    return cfg.strategy == "fsdp" and info.world_size > 1
 
 
 def fsdp_wrap(model: nn.Module, info: DistInfo, precision: Precision) -> nn.Module:
@@ -54,6 +64,27 @@ def fsdp_wrap(model: nn.Module, info: DistInfo, precision: Precision) -> nn.Modu
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw, mesh=mesh, mp_policy=mp)
     return raw
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """full laid out as `like`: full itself, or for a DTensor (an FSDP shard) the DTensor of this rank's part."""
+    if not hasattr(like, "device_mesh"):
+        return full
+    try:  # torch 2.5+
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:
+        from torch.distributed._tensor import distribute_tensor
+    try:  # torch 2.7+: each rank slices its own copy, no scatter from rank 0
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:
+        return distribute_tensor(full, like.device_mesh, like.placements)
+
+
+def materialize(model: GPT, device: torch.device, seed: int) -> None:
+    """Storage and initial values for a GPT built on the meta device and sharded (fsdp_wrap): each rank
+    allocates its shards only, and keeps its part of each full parameter, generated one at a time."""
+    model.to_empty(device=device)
+    model.init_weights(seed, place=local_part)
 
 
 def compiled_as(model: nn.Module) -> str | None:

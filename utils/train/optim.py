@@ -16,6 +16,7 @@ from torch import Tensor
 
 from models.config import OptimConfig, ScheduleConfig
 from utils.device import fused_adamw
+from utils.distributed.parallel import local_part
 
 
 def lr_at(step: int, cfg: ScheduleConfig, peak_lr: float, max_steps: int) -> float:
@@ -59,15 +60,7 @@ def orthogonalised(G: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """
     if not hasattr(G, "full_tensor"):
         return newton_schulz(G, steps, dtype)
-    try:  # torch 2.5+
-        from torch.distributed.tensor import distribute_tensor
-    except ImportError:
-        from torch.distributed._tensor import distribute_tensor
-    full = newton_schulz(G.full_tensor(), steps, dtype)
-    try:  # torch 2.7+: each rank slices its own copy, no scatter from rank 0
-        return distribute_tensor(full, G.device_mesh, G.placements, src_data_rank=None)
-    except TypeError:
-        return distribute_tensor(full, G.device_mesh, G.placements)
+    return local_part(newton_schulz(G.full_tensor(), steps, dtype), G)
 
 
 class Muon(torch.optim.Optimizer):

@@ -12,7 +12,7 @@ import platform
 import random
 import subprocess
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from models.transformer import GPT
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
 from utils.device import device_name
+from utils.distributed.parallel import materialize, shards
 from utils.distributed.process_group import DistInfo, broadcast_object
 from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
@@ -90,24 +91,44 @@ def git_revision() -> str:
         return "unknown"
 
 
-def compile_or_eager(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
-                     autocast: AbstractContextManager, log: MetricsLogger) -> nn.Module:
-    """torch.compile, tried on the first training batch itself; eager with a warning if compilation fails.
+def compiles(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast: AbstractContextManager,
+             log: MetricsLogger) -> bool:
+    """Whether the compiled (and wrapped) model trains: tried on the first training batch itself; a
+    warning if not.
 
     The first batch, not a batch-shaped stand-in: its inputs are views into the (B, T + 1) windows, and
     dynamo guards on strides, so a contiguous stand-in compiles a graph the first real step cannot use
-    (it would compile again there, outside this fallback)."""
-    compiled = torch.compile(model)
+    (it would compile again there, outside this check)."""
     x, y = batch
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), autocast:
-            compiled(x, y)[1].backward()
+            model(x, y)[1].backward()
     except Exception as e:  # inductor needs a working C++/Triton toolchain
         log.info(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                  f"training eagerly")
-        compiled = model
-    model.zero_grad(set_to_none=True)
-    return compiled
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return True
+
+
+def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | None, compile: bool
+                ) -> tuple[GPT, nn.Module]:
+    """The GPT and the module that trains it (compiled if asked, then wrapped), its initial weights from
+    train.seed alone: the same for one process, DDP and FSDP on any number of ranks. FSDP on several
+    ranks builds it on the meta device and shards it before it has storage, so no rank holds it whole."""
+    t = cfg.train
+    on_meta = wrap is not None and shards(cfg.distributed, info)
+    with torch.device("meta") if on_meta else nullcontext():
+        model = GPT(cfg.model, seed=t.seed)
+    if not on_meta:
+        model.to(info.device)
+    model.activation_checkpointing = t.activation_checkpointing
+    model_for_training = torch.compile(model) if compile else model  # lazy: compiles on the first call
+    model_for_training = wrap(model_for_training, precision) if wrap else model_for_training
+    if on_meta:
+        materialize(model, info.device, t.seed)
+    return model, model_for_training
 
 
 def resolve_run_precision(cfg: Config, info: DistInfo, resume_state: dict | None) -> tuple[Config, Precision]:
@@ -145,14 +166,12 @@ def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: Batch
     t = cfg.train
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    seed_everything(t.seed)  # identical initial weights on every rank and world size
-    model = GPT(cfg.model).to(info.device)
-    model.activation_checkpointing = t.activation_checkpointing
+    model, model_for_training = build_model(cfg, precision, info, wrap, t.compile)
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
     autocast = autocast_context(info.device, precision.name)
-    model_for_training = (compile_or_eager(model, plan.batch(0, 0, info.device), autocast, logger) if t.compile
-                          else model)  # an eager run reads no batch before its first step
-    model_for_training = wrap(model_for_training, precision) if wrap else model_for_training
+    # an eager run reads no batch before its first step; a failed compile is built again, eager
+    if t.compile and not compiles(model_for_training, plan.batch(0, 0, info.device), autocast, logger):
+        model, model_for_training = build_model(cfg, precision, info, wrap, compile=False)
     optimizer = build_optimizer(model, cfg.optim, info.device, precision.name)
     peak, peak_source = peak_flops(info.device, precision.name)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
