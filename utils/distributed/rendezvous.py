@@ -53,15 +53,26 @@ def slurm_master_addr(nodelist: str) -> str:
 def join(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:
     """The group's store once every rank has reached it, and rank 0's host; one UserError line on every rank
     that waited `timeout` in vain (for rank 0's store, or for the last ranks), saying what it saw."""
-    host = os.environ.get("MASTER_ADDR", "?")
+    deadline = time.monotonic() + timeout.total_seconds()
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
+    address = (os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")))
+    unanswered = UserError(f"rank {rank}: rank 0's store at {address[0]}:{address[1]} did not answer within "
+                           f"{timeout.total_seconds():.0f} s (distributed.join_timeout_s); rank 0 may have been "
+                           f"refused at start (see its error) or MASTER_ADDR/MASTER_PORT may be wrong")
+    while rank != 0:  # a plain connect first: TCPStore would log every retry, a C++ traceback each
+        try:
+            socket.create_connection(address, timeout=PROBE.total_seconds()).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise unanswered from None
+            time.sleep(0.1)
     try:
         store, host = group_store(rank, world_size, timeout)
     except (dist.DistError, RuntimeError, TimeoutError):  # DistError: torch >= 2.3; older raise RuntimeError
-        raise UserError(f"rank {rank}: rank 0's store at {host}:{os.environ.get('MASTER_PORT', '29500')} did not "
-                        f"answer within {timeout.total_seconds():.0f} s (distributed.join_timeout_s); rank 0 may have "
-                        f"been refused at start (see its error) or MASTER_ADDR/MASTER_PORT may be wrong") from None
+        raise unanswered from None
     store.add(JOINED_KEY, 1)
-    deadline = time.monotonic() + timeout.total_seconds()
     while (joined := store.add(JOINED_KEY, 0)) < world_size:
         if time.monotonic() > deadline:
             raise UserError(f"rank {rank}: only {joined} of {world_size} ranks joined within "
@@ -73,8 +84,6 @@ def join(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore,
 
 def group_store(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:
     """A store that only this group's ranks have written to, hosted by rank 0, and rank 0's host."""
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
     host, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         # plain processes (srun, or torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a new store per launch
