@@ -169,3 +169,37 @@ def test_ranks_that_disagree_stop_at_once_with_the_keys(tiny_data, tmp_path):
            "rank 1: 0.5)" in proc.stderr, proc.stderr
     # torchrun prints its own traceback for failed workers; none comes from our code
     assert f'File "{ROOT}' not in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("checkpoints", ["elsewhere", "on the same full disk"])
+def test_a_side_writer_on_a_full_disk_saves_first_or_says_what_was_lost(tiny_data, tmp_path, small_disk, checkpoints):
+    """The logs (text log, metrics file, TensorBoard) fill their disk mid-run: one line, exit 2, and the
+    training done is saved first if the checkpoint folder still takes it, or the line counts what was lost."""
+    elsewhere = checkpoints == "elsewhere"
+    folder = tmp_path / "ckpt" if elsewhere else small_disk / "ckpt"
+    overrides = tiny_overrides(tiny_data, tmp_path, **{**LONG, "checkpoint__every": 2 if elsewhere else 0})
+    proc = start_training(*overrides, f"logging.dir={small_disk}/logs", f"checkpoint.dir={folder}")
+    wait_for_line(proc, f"saved {folder / 'step_0000002.pt'}" if elsewhere else "step 3/")
+    fill(small_disk)
+    done = finish(proc, 120)
+    err = done.stderr
+    assert done.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: could not write the ") and "No space left on device" in err, err
+    if elsewhere:
+        step = int(re.search(r"saved step (\d+) first", err)[1])
+        assert ckpt.load_checkpoint(folder / f"step_{step:07d}.pt")[ckpt.TRAINER]["step"] == step > 3
+    else:
+        assert re.search(r"a checkpoint could not be saved either \(.*\): the \d+ steps since the start are lost", err)
+
+
+def test_an_export_into_a_full_disk_leaves_no_half_written_folder(tiny_data, tmp_path, small_disk, capsys):
+    from scripts import export_hf
+
+    import train_single
+
+    assert train_single.main(tiny_overrides(tiny_data, tmp_path, train__max_steps=1)) == 0
+    fill(small_disk)
+    code = export_hf.main(["--checkpoint", str(tmp_path / "ckpt/best_model.pt"), "--out", str(small_disk / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: ") and "No space left" in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
