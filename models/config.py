@@ -187,7 +187,7 @@ class CheckpointConfig:
     keep_last: int = 3
     """step checkpoints kept besides best_model.pt"""
     verify: bool = True
-    """at resume, check every byte against the CRC-32 saved with it (~0.1 s/GB); false: skip, for huge ones"""
+    """at resume, check every byte against the CRC-32 saved with it (~0.2 s/GB); false: skip, for huge ones"""
 
     def __post_init__(self) -> None:
         non_negative("checkpoint", self, "every")

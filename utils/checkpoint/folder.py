@@ -43,7 +43,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int, info: DistInfo, sharded: bool = False,
                  verify: bool = True) -> None:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
-        self.verify = verify  # checksums at load: every byte read once more (~0.1 s per GB, measured)
+        self.verify = verify  # checksums at load: every byte read once more (~0.2 s per GB, docs/benchmarks.md)
         self.sharded = sharded  # FSDP: one DCP folder per save (utils/checkpoint/sharded.py), written by every rank
 
     def step_path(self, step: int) -> Path:

@@ -92,7 +92,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 def verify_crc(path: Path) -> None:
     """torch.save writes a zip whose every entry carries the CRC-32 of its bytes, which torch.load never
-    checks: read every entry against it, so a flipped bit is refused (about 0.1 s per GB here)."""
+    checks: read every entry against it, so a flipped bit is refused (about 0.2 s per GB, docs/benchmarks.md)."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
