@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from conftest import load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
+from models.config import Config
+from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
 
 
@@ -80,7 +82,7 @@ def test_truncated_checkpoint_falls_back_to_previous(tiny_data, tmp_path):
 def test_atomic_save_failure_leaves_old_file(tmp_path):
     """An exception during a save (say a full disk) leaves the old file as it was and no temporary."""
     path = tmp_path / "c.pt"
-    good = {ckpt.MODEL: {"w": torch.ones(3)}, ckpt.CONFIG: {}, ckpt.FORMAT: ckpt.FORMAT_VERSION}
+    good = {ckpt.MODEL: {"w": torch.ones(3)}, ckpt.CONFIG: config_to_dict(Config()), ckpt.FORMAT: ckpt.FORMAT_VERSION}
     ckpt.save_checkpoint(good, path)
 
     class Unpicklable:

@@ -13,14 +13,19 @@ from hypothesis import strategies as st
 
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.format import CheckpointError
+from models.config import Config
+from models.config_loader import config_to_dict
 from utils.checkpoint.folder import BEST, CONFIG_FILE, LAST, STEP_FILE, Checkpointer
 from utils.distributed.process_group import DistInfo
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
 
+FULL_CONFIG = config_to_dict(Config())  # a checkpoint's config has every section (a partial one is refused)
+
+
 def extra(step: int) -> dict:
-    return {ckpt.CONFIG: {"model": {}}, ckpt.FORMAT: ckpt.FORMAT_VERSION, ckpt.TRAINER: {"step": step}}
+    return {ckpt.CONFIG: FULL_CONFIG, ckpt.FORMAT: ckpt.FORMAT_VERSION, ckpt.TRAINER: {"step": step}}
 
 
 def state(step: int) -> dict:

@@ -5,15 +5,21 @@ stay exactly as they were."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
+from unittest.mock import patch
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import train_single
 from conftest import child_env, finish, make_dataset, run_torchrun, start, tiny_overrides
 from test_distributed import free_port
+from utils.distributed.rendezvous import env_ranks, master_address
+from utils.errors import UserError
 
 HELPER = "tests/helpers/instrumented_ddp.py"  # RANK1_OVERRIDES: overrides of rank 1's own
 
@@ -86,3 +92,22 @@ def test_nccl_on_a_cpu_is_refused_before_the_process_group(tiny_data, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: distributed.backend=nccl runs on CUDA devices only, and this rank runs on cpu; use "
         "distributed.backend=gloo (or auto)")
+
+
+LAUNCH_VARS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "MASTER_PORT"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(env=st.dictionaries(st.sampled_from(LAUNCH_VARS), st.one_of(st.integers(-3, 70000).map(str),
+                                                                   st.text(st.characters(blacklist_characters="\x00"), max_size=6))))
+def test_a_launch_environment_gives_a_rank_of_the_group_or_one_line(env):
+    """Whatever a launcher (or a user) leaves in the environment: a rank of the group, or one line naming
+    the variable."""
+    with patch.dict(os.environ, {**env, "MASTER_ADDR": "127.0.0.1"}, clear=True):
+        try:
+            rank, local_rank, world_size = env_ranks(os.environ)
+            _, port = master_address()
+        except UserError as e:
+            assert "\n" not in str(e) and any(name in str(e) for name in LAUNCH_VARS), e
+            return
+    assert 0 <= rank < world_size and local_rank >= 0 and 0 < port < 65536

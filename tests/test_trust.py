@@ -18,9 +18,11 @@ from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, t
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
 from utils.checkpoint.format import CheckpointError, save_checkpoint
+from utils.distributed.process_group import DistInfo
 from utils.errors import EXIT_BROKEN_PIPE, EXIT_PREEMPTED
 from utils.train.stopping import StopFlag
 
+CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 LONG = dict(train__max_steps=300, eval__every=0, checkpoint__every=0, eval__sample_tokens=0)
 
 
@@ -115,14 +117,14 @@ def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data,
     assert ("no space left on device" in err.lower()) if fault == "full" else ("read-only" in err.lower()), err
     if fault == "full":
         (small_disk / "filler").unlink()
-    newest = Checkpointer(small_disk, 3, None).find_resume("auto", warn=print)
+    newest = Checkpointer(small_disk, 3, CPU).find_resume("auto", warn=print)
     assert newest is not None and newest[1][ckpt.TRAINER]["step"] >= 2
 
 
 def test_a_folder_that_turns_read_only_after_the_step_file_is_one_line(small_disk):
     """The step file is written, then the folder turns read-only: pointing last_checkpoint.pt at it and
     pruning older files each fail as one CheckpointError naming the file (not an OSError on a temporary)."""
-    folder = Checkpointer(small_disk, 1, None)
+    folder = Checkpointer(small_disk, 1, CPU)
     for step in (1, 2):
         save_checkpoint({"step": torch.tensor(step)}, folder.step_path(step))
     remount_read_only(small_disk)

@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from datetime import timedelta
+from typing import Mapping
 
 import torch.distributed as dist
 
@@ -37,10 +38,39 @@ def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
     """
     env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
+        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    elif _whole(env, "SLURM_NTASKS", "1") > 1 and "SLURM_PROCID" in env:
+        names = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+    else:
+        return 0, 0, 1
+    rank, local_rank, world_size = (_whole(env, name, "0") for name in names)
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise UserError(f"{names[0]}={rank}, {names[1]}={local_rank} and {names[2]}={world_size} describe no process "
+                        f"of a group (0 <= rank < world size); start the processes with torchrun or srun")
+    return rank, local_rank, world_size
+
+
+def _whole(env: Mapping[str, str], name: str, default: str) -> int:
+    """A launcher's variable as a number, or one line naming it."""
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise UserError(f"{name}={env[name][:40]!r} is not a whole number; it is set by the launcher (torchrun, "
+                        f"srun): start the run through one, or set it to a number") from None
+
+
+def master_address() -> tuple[str, int]:
+    """(host, port) of rank 0's store: MASTER_ADDR (torchrun's, or the first node of a SLURM allocation)
+    and MASTER_PORT (default 29500)."""
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError("MASTER_ADDR is not set, so the ranks cannot meet: launch with torchrun (or srun), or set "
+                        "MASTER_ADDR and MASTER_PORT to rank 0's host and a free port")
+    port = _whole(os.environ, "MASTER_PORT", "29500")
+    if not 0 < port < 65536:
+        raise UserError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+    return os.environ["MASTER_ADDR"], port
 
 
 def slurm_master_addr(nodelist: str) -> str:
@@ -54,9 +84,7 @@ def join(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore,
     """The group's store once every rank has reached it, and rank 0's host; one UserError line on every rank
     that waited `timeout` in vain (for rank 0's store, or for the last ranks), saying what it saw."""
     deadline = time.monotonic() + timeout.total_seconds()
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
-    address = (os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")))
+    address = master_address()
     unanswered = UserError(f"rank {rank}: rank 0's store at {address[0]}:{address[1]} did not answer within "
                            f"{timeout.total_seconds():.0f} s (distributed.join_timeout_s); rank 0 may have been "
                            f"refused at start (see its error) or MASTER_ADDR/MASTER_PORT may be wrong")
@@ -84,7 +112,7 @@ def join(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore,
 
 def group_store(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.TCPStore, str]:
     """A store that only this group's ranks have written to, hosted by rank 0, and rank 0's host."""
-    host, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
+    host, port = master_address()
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         # plain processes (srun, or torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a new store per launch
         return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
