@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             manifest, wrote = prepare(out, chunks, sources, args.val_fraction, args.test_fraction,
                                       val_bytes=args.val_bytes, test_bytes=args.test_bytes, shard_size=shard_size,
-                                      append=args.append, reader={"separator": separator.decode(),
+                                      append=args.append, reader={"separator": separator.decode("utf-8", "surrogateescape"),
                                                                   "text_field": args.text_field})
         finally:
             if bar is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from utils.errors import ArgumentParser, require_stdout, run_cli
+from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
 
 # (step id, what it measures), in the order gpu_check.sh runs them
 BENCHMARKS = [("bench_default", "default 32x512, bf16"), ("bench_default_compiled", "default 32x512, bf16, compiled"),
@@ -152,6 +152,8 @@ def plan_row(step: Step) -> tuple[str, str, str]:
 
 def report(out: Path, skip: str | None) -> int:
     """Print the table; 1 if anything failed or timed out."""
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; pass the one scripts/gpu_check.sh wrote its step logs to")
     if skip:
         checks = [("data: data/default/train-00000.bin", "skipped", skip)]
         checks += cuda_test_rows(read_step(out, "tests"), out / "tests.xml")

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import inference
+from data import prepare_dataset
 import train_single
 from conftest import make_dataset, run_script, tiny_overrides
 from models.config_checks import ConfigError
@@ -204,3 +205,20 @@ def test_unknown_or_unavailable_device_is_one_line(capsys, tiny_data, tmp_path, 
         assert code == 0, err
     else:
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+# what a shell hands Python for bytes that are not UTF-8: lone surrogates U+DC80-U+DCFF (surrogateescape)
+ARGV_TEXT = st.text(st.one_of(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                              st.integers(0xDC80, 0xDCFF).map(chr)), max_size=8)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(separator=ARGV_TEXT, field=ARGV_TEXT, shard_size=st.one_of(ARGV_TEXT, st.integers(-5, 10 ** 40).map(str)))
+def test_generated_preparation_arguments_prepare_or_exit_2(capsys, tmp_path_factory, separator, field, shard_size):
+    """data/prepare_dataset.py with generated (also undecodable) separator, field and shard size."""
+    tmp = tmp_path_factory.mktemp("prep")
+    source = tmp / "docs.jsonl"
+    source.write_text('{"text": "one document"}\n{"text": "another document, longer than the first"}\n' * 40)
+    code = prepare_dataset.main(["--input", str(source), "--out", str(tmp / "out"), "--separator", separator,
+                                 "--text-field", field, "--shard-size", shard_size])
+    assert_one_line_or_success(code, capsys.readouterr().err)
