@@ -75,7 +75,10 @@ def test_ctrl_c_at_any_moment_of_start_up_is_at_most_one_line(tmp_path_factory, 
     time.sleep(delay)  # the moment is what varies; there is no event to wait for
     proc.send_signal(signal.SIGINT)
     done = finish(proc, 120)
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 1, done.stderr
+    if "Traceback" in done.stderr:  # only Python's own start-up (its site module), before any file of ours runs
+        assert str(ROOT) not in done.stderr and done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
+        return
+    assert len(done.stderr.strip().splitlines()) <= 1, done.stderr
     # killed by the signal before Python's handler exists; 130 from the boundary; 75 after a save; 0 if done
     assert done.returncode in (-signal.SIGINT, EXIT_INTERRUPTED, 75, 0), (done.returncode, done.stderr)
 

@@ -99,10 +99,12 @@ def report_bug(kind: type[BaseException], e: BaseException, tb: TracebackType | 
     return EXIT_BUG
 
 
+_on_interrupt = sys.__excepthook__
+
+
 def _uncaught(kind: type[BaseException], e: BaseException, tb: TracebackType | None) -> None:
     if issubclass(kind, KeyboardInterrupt):
-        say("error: interrupted while starting; nothing was written")
-        os._exit(EXIT_INTERRUPTED)  # nothing to flush or save yet; the interpreter's exit would re-raise
+        _on_interrupt(kind, e, tb)  # utils/__init__.py's: one line and exit 130
     if issubclass(kind, UserError):  # raised outside run_cli (an entry point parsing its flags first)
         say(f"error: {one_line(str(e))}")
         os._exit(EXIT_USER)
@@ -123,6 +125,9 @@ def install_startup_boundary() -> None:
     imports load (torch takes seconds), a missing dependency, a bug at import; and, for the whole run, one
     in a background thread. Run by importing any package of ours (utils/__init__.py), which every entry
     point does before it imports torch."""
+    global _on_interrupt
+    if sys.excepthook is not _uncaught:  # utils/__init__.py's, installed first for a Ctrl-C while this module loads
+        _on_interrupt = sys.excepthook
     sys.excepthook = _uncaught
     threading.excepthook = _thread_failed
 
