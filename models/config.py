@@ -60,8 +60,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         positive("model", self, "vocab_size", "context_length", "dim", "n_layers", "n_heads", "ffn_dim")
         check(self.vocab_size >= 256, f"model.vocab_size must be >= 256, one id per byte value (got {self.vocab_size})")
-        check(self.dim % self.n_heads == 0,
-               f"model.n_heads={self.n_heads} must divide model.dim={self.dim}; "
+        check(self.dim % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.dim={self.dim}; "
                f"pick n_heads from {[h for h in range(1, 33) if self.dim % h == 0]}")
         check(self.pos_emb != "rope" or (self.dim // self.n_heads) % 2 == 0,
                "model.pos_emb=rope needs an even head size (dim / n_heads)")
@@ -70,7 +69,6 @@ class ModelConfig:
         one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
         one_of("model.activation", self.activation, ("gelu", "relu2", "swiglu"))
         check(self.rope_base > 0, "model.rope_base must be positive")
-
 
 
 @dataclass(frozen=True)
@@ -106,6 +104,8 @@ class TrainConfig:
     """clip the global gradient norm to this; 0 = no clipping (the norm is still logged)"""
     log_every: int = 10
     """optimizer steps between log lines"""
+    init_from: str = ""
+    """fine-tune: a checkpoint (file or folder) whose weights and model section a new run starts from, at step 0"""
 
     def __post_init__(self) -> None:
         positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every")

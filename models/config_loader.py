@@ -148,10 +148,12 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {p} holds a value no config can use: {str(e)[:120]}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from the defaults), apply `section.key=value` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read a YAML file (or start from the defaults), apply `section.key=value` overrides. `base` (nested,
+    like a config) replaces the defaults beneath both: a fine-tune's model section, from its checkpoint."""
     flat = _flatten(read_yaml(path), str(path)) if path is not None else {}
     _build(flat)  # the file's own keys and values are checked before overrides are applied
+    flat = {**_flatten(base or {}, "the base config"), **flat}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from utils.checkpoint.format import (MODEL, OPTIMIZER, TRAINER, CheckpointError, atomic_write, load_checkpoint,
                               load_model_weights, save_checkpoint)
+from utils.checkpoint.reader import read_state
 from utils.distributed.process_group import DistInfo, broadcast_object
 
 STEP_FILE = re.compile(r"step_(\d{7,})\.pt")
@@ -124,12 +125,8 @@ class Checkpointer:
         if self.sharded and path.is_file():
             raise CheckpointError(f"{path} is a single-file checkpoint (one process or DDP), and distributed."
                                   f"strategy=fsdp resumes sharded folders; resume it with distributed.strategy=ddp")
-        verify = self.verify and self.info.is_main  # rank 0 decides what to resume; the bytes are the same for all
-        if path.is_dir():
-            from utils.checkpoint import sharded as sharded_checkpoint  # imported only where sharded: DCP costs ~1.5 s
-
-            return sharded_checkpoint.read_extra(path, verify)
-        return load_checkpoint(path, verify=verify)
+        # rank 0 decides what to resume; the bytes are the same for all
+        return read_state(path, verify=self.verify and self.info.is_main)
 
     def restore(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Collective for a sharded folder: weights and optimizer state into a (possibly sharded) model."""

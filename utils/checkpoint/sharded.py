@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from utils.checkpoint.format import (CONFIG, FORMAT, MODEL, OPTIMIZER, CheckpointError, check_state,
                                      verify_crc)
@@ -166,6 +167,14 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     dcp.load(state, checkpoint_id=str(folder))  # the caller has checked the model config matches
     set_state_dict(model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER])
     return extra
+
+
+def load_sharded_weights(folder: str | Path, model: nn.Module) -> None:
+    """Collective: a folder's weights alone into model (plain or FSDP-sharded), resharded to this world size:
+    each rank reads only its part. The caller has checked the model config matches."""
+    weights = get_model_state_dict(model)
+    dcp.load({MODEL: weights}, checkpoint_id=str(folder))
+    set_model_state_dict(model, weights)
 
 
 def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from models.config import Config
 from models.config_loader import SECTIONS, config_to_dict, load_config
 from utils.errors import ArgumentParser
+from utils.train.finetune import model_base
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -60,6 +61,8 @@ def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs
         if item.startswith("-"):
             parser.error(f"unrecognized argument: {item}")
     cfg = load_config(args.config, overrides)
+    if cfg.train.init_from:  # a fine-tune's model section is its checkpoint's, beneath the file and overrides
+        cfg = load_config(args.config, overrides, base=model_base(cfg.train.init_from))
     if args.print_config:
         print(describe_config(cfg))
         parser.exit()

@@ -64,10 +64,16 @@ def check_ranks_agree(cfg: Config, info: DistInfo) -> None:
         raise ConfigError(f"the ranks disagree on {shown}; start every rank with the same config, overrides and data")
 
 
+def model_changes(cfg: Config, state: dict, free: tuple[str, ...] = ()) -> list[str]:
+    """Each model setting of cfg that differs from the checkpoint's, but those in free."""
+    saved, ours = state[ckpt.CONFIG].get("model", {}), config_to_dict(cfg)["model"]
+    return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in ours.items()
+            if k not in free and saved.get(k) != v]
+
+
 def check_fits(cfg: Config, path: str, state: dict) -> None:
     """A checkpoint can only continue a run of the same model shape, and needs optimizer state."""
-    saved, ours = state[ckpt.CONFIG].get("model", {}), config_to_dict(cfg)["model"]
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    diff = model_changes(cfg, state)
     if diff:
         raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
                               f"resume with the same model settings")

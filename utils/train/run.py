@@ -1,8 +1,9 @@
 """Wiring a training run: every check first, then build everything from the config, then train.
 
 Order matters for trust: the ranks agree on the config and the data, the checkpoint folder says
-fresh, resume or refuse, the checkpoint fits, the data and the validation pass are feasible and
-the model fits in memory, and only then is anything written (config.yaml, the log, TensorBoard).
+fresh, resume or refuse, the checkpoint (resumed, or a fine-tune's) fits, the data and the validation
+pass are feasible and the model fits in memory, and only then is anything written (config.yaml, the
+log, TensorBoard).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import MetricsLogger, ThroughputMeter
 from utils.train.oom import adopt_backoff
+from utils.train.finetune import check_init, load_init
 from utils.train.preflight import check_fits, check_memory, check_ranks_agree, check_writable, on_every_rank
 from utils.train.optim import build_optimizer, build_scheduler
 from utils.precision import Precision, autocast_context, grad_scaler, resolve_precision
@@ -112,11 +114,12 @@ def compiles(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocas
     return True
 
 
-def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | None, compile: bool
-                ) -> tuple[GPT, nn.Module]:
+def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | None, compile: bool,
+                init: tuple[Path, dict] | None = None) -> tuple[GPT, nn.Module]:
     """The GPT and the module that trains it (compiled if asked, then wrapped), its initial weights from
-    train.seed alone: the same for one process, DDP and FSDP on any number of ranks. FSDP on several
-    ranks builds it on the meta device and shards it before it has storage, so no rank holds it whole."""
+    train.seed alone, or from `init` (check_init: a fine-tune's checkpoint): the same for one process, DDP and
+    FSDP on any number of ranks. FSDP on several ranks builds it on the meta device and shards it before it
+    has storage, so no rank holds it whole."""
     t = cfg.train
     on_meta = wrap is not None and shards(cfg.distributed, info)
     with torch.device("meta") if on_meta else nullcontext():
@@ -128,6 +131,8 @@ def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | 
     model_for_training = wrap(model_for_training, precision) if wrap else model_for_training
     if on_meta:
         materialize(model, info.device, t.seed)
+    if init:
+        load_init(model, *init)
     return model, model_for_training
 
 
@@ -159,19 +164,19 @@ def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
 
 def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: BatchPlan, val_data: np.ndarray,
                   logger: MetricsLogger, wrap: Wrap | None = None, stop: StopFlag | None = None,
-                  checkpointer: Checkpointer | None = None) -> Trainer:
-    """The model, seeded, compiled and wrapped as configured, in its Trainer: what run_training
-    trains and scripts/benchmark.py times. precision is the run's resolved one (resolve_run_precision),
-    the only one any part of the run uses."""
+                  checkpointer: Checkpointer | None = None, init: tuple[Path, dict] | None = None) -> Trainer:
+    """The model, seeded (or a fine-tune's `init`), compiled and wrapped as configured, in its Trainer: what
+    run_training trains and scripts/benchmark.py times. precision is the run's resolved one
+    (resolve_run_precision), the only one any part of the run uses."""
     t = cfg.train
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    model, model_for_training = build_model(cfg, precision, info, wrap, t.compile)
+    model, model_for_training = build_model(cfg, precision, info, wrap, t.compile, init)
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
     autocast = autocast_context(info.device, precision.name)
     # an eager run reads no batch before its first step; a failed compile is built again, eager
     if t.compile and not compiles(model_for_training, plan.batch(0, 0, info.device), autocast, logger):
-        model, model_for_training = build_model(cfg, precision, info, wrap, compile=False)
+        model, model_for_training = build_model(cfg, precision, info, wrap, compile=False, init=init)
     optimizer = build_optimizer(model, cfg.optim, info.device, precision.name)
     peak, peak_source = peak_flops(info.device, precision.name)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
@@ -224,7 +229,10 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     if resumed:
         cfg, backoff = adopt_backoff(cfg, resumed[1][ckpt.CONFIG])
 
-    def local_checks() -> tuple[BatchPlan, np.ndarray, list[str]]:  # this rank's data, memory and folders
+    # this rank's fine-tune checkpoint (none when resuming: the run's own checkpoint holds the weights), data,
+    # memory and folders
+    def local_checks() -> tuple[tuple[Path, dict] | None, BatchPlan, np.ndarray, list[str]]:
+        init = check_init(cfg) if cfg.train.init_from and not resumed else None
         plan, val_data = load_data(cfg, info)
         Validator.check_feasible(val_data, cfg.eval)
         notes = start_warnings(cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
@@ -233,9 +241,9 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
         if info.is_main:
             check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
             check_writable(Path(cfg.logging.dir), "logging.dir")
-        return plan, val_data, notes + ([backoff] if backoff else [])
+        return init, plan, val_data, notes + ([backoff] if backoff else [])
 
-    plan, val_data, notes = on_every_rank(info, local_checks)
+    init, plan, val_data, notes = on_every_rank(info, local_checks)
     if info.is_main:
         for line in notes:  # on the console now, in the log file once it exists
             print(line)
@@ -249,11 +257,14 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
         for line in notes:
             logger.file_only(line)
         with StopFlag() as stop:
-            trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap, stop, checkpointer)
+            trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap, stop, checkpointer, init)
             for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):
                 logger.info(line)
             if resumed:
                 trainer.restore(resumed[1], resumed[0])
+            elif init:
+                logger.info(f"fine-tuning from the weights of {init[0]} (its step "
+                            f"{init[1].get(ckpt.TRAINER, {}).get('step', '?')}), at step 0")
             elif resume == "auto":
                 logger.info(f"no checkpoint in {cfg.checkpoint.dir}; starting fresh")
             code = trainer.fit()
