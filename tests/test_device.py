@@ -51,7 +51,7 @@ def gpus(monkeypatch):
     ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, 1, None, 0),
     ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, 1, "cuda", 0),
     # srun or torchrun where every process sees the node's GPUs
-    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "11", "SLURM_LOCALID": "3"}, 4, None, 3),
+    ({"SLURM_NTASKS": "16", "SLURM_PROCID": "11", "SLURM_LOCALID": "3"}, 4, None, 3),
     ({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, 4, "cuda", 1),
     # one process on the third GPU (train_single.py --device cuda:2)
     ({}, 4, "cuda:2", 2),

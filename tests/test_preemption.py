@@ -80,10 +80,12 @@ def test_ten_sigkills_in_a_row_each_restart_resumes_and_the_run_finishes(tiny_da
     No spare restart: one restarted group that fails to form (torchrun's shared store handing it the
     previous group's peer addresses) uses one up and the run fails. The kill lands a few steps after the
     save it follows when the machine is busy, so each round waits for the restarted group's own
-    "resumed from" line, and the run is long enough for ten late kills.
+    "resumed from" line; and a resumed group trains on (at ~12 ms a step) while the test, starved on a
+    loaded machine, reads its line and sends the next kill, so the run is 25 times longer than ten
+    kills need: no group may reach the end before its kill (it would resume at the end, and not save).
     """
     run = tmp_path / "run"
-    steps = 2 * (KILLS + 1) * EVERY
+    steps = 25 * (KILLS + 1) * EVERY
     overrides = tiny_overrides(tiny_data, run, **{**LONG, "train__max_steps": steps, "train__save_every": EVERY})
     begin = time.monotonic()
     proc = start(torchrun_cmd(2, "train_ddp.py", "--device", "cpu", "--resume", "auto", *overrides,
