@@ -11,11 +11,12 @@ peak per rank - the baseline's; predicted = the planner's peak_bytes for the con
 for the baseline (a few KiB). The peak is the largest over ranks: on a CPU the peak resident set
 size (getrusage), on CUDA torch.cuda.max_memory_allocated. Prints a markdown row, then one JSON line.
 
-On a CPU the runs get MALLOC_MMAP_THRESHOLD_=131072 unless --glibc-default: glibc otherwise raises
-its mmap threshold after the first large free (up to 32 MiB) and keeps later freed tensors in its
-heaps, so the resident size counts memory torch has already freed. That retention is the CPU's
-counterpart of CUDA's cached-but-unallocated memory, which max_memory_allocated leaves out too; under
-FSDP it measured up to twice the live tensor bytes (docs/benchmarks.md).
+On a CPU the runs get MALLOC_MMAP_THRESHOLD_=131072 unless --glibc-default (FSDP on several ranks sets
+that threshold itself either way, utils/malloc.py): glibc otherwise raises its mmap threshold after the
+first large free (up to 32 MiB) and keeps later freed tensors in its heaps, so the resident size counts
+memory torch has already freed. That retention is the CPU's counterpart of CUDA's cached-but-unallocated
+memory, which max_memory_allocated leaves out too; under FSDP it measured up to twice the live tensor
+bytes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measured run (default 3)")
     parser.add_argument("--glibc-default", action="store_true",
-                        help="CPU: leave glibc's mmap threshold as it is (resident size then includes freed memory)")
+                        help="CPU: leave glibc's mmap threshold as it is (resident size then includes freed memory), "
+                             "except under FSDP on several ranks, which fixes it itself")
 
     def body() -> int:
         args, overrides = parser.parse_known_args(argv)  # inside: a usage error is one line too

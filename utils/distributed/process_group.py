@@ -17,6 +17,7 @@ import torch.nn as nn
 from models.config import DistributedConfig
 from utils.device import resolve_device
 from utils.errors import UserError
+from utils.malloc import return_freed_memory
 from utils.distributed.rendezvous import env_ranks, join
 from utils.distributed.watchdog import Watchdog
 
@@ -48,6 +49,8 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
     if world_size == 1:
         yield DistInfo(0, 0, 1, device, None)
         return
+    if device.type == "cpu" and cfg.strategy == "fsdp":
+        return_freed_memory()  # before the model: glibc would keep FSDP's gathered blocks (utils/malloc.py)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise UserError(f"distributed.backend=nccl runs on CUDA devices only, and this rank runs on {device}; use "
