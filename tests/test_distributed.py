@@ -138,7 +138,8 @@ FAULT = dict(train__max_steps=200, train__eval_every=0, train__save_every=0, tra
 def test_failing_rank_ends_the_torchrun_job(tiny_data, tmp_path):
     """Rank 1 raising at step 2 makes torchrun exit non-zero within seconds, not at distributed.timeout_s."""
     cmd = torchrun_cmd(2, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT))
-    proc = start(cmd, child_env(FAIL_RANK="1", FAIL_AT_STEP="2"), merge_stderr=True)
+    # the injected fault is a bug to the boundary: its traceback file goes to this test's folder (TMPDIR)
+    proc = start(cmd, child_env(FAIL_RANK="1", FAIL_AT_STEP="2", TMPDIR=str(tmp_path)), merge_stderr=True)
     head = read_until(proc, "global batch: ", timeout=STARTUP_S)
     out = "".join(head) + finish(proc, timeout=60).stdout
     assert proc.returncode != 0 and "injected fault on rank 1 at step 2" in out
@@ -179,7 +180,7 @@ def test_failing_rank_ends_a_plain_srun_style_job(tiny_data, tmp_path):
     base = {k: v for k, v in child_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     # MASTER_ADDR comes from the node list, as on a cluster
     base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
-                FAIL_RANK="1", FAIL_AT_STEP="2")
+                FAIL_RANK="1", FAIL_AT_STEP="2", TMPDIR=str(tmp_path))  # the fault's traceback file lands there
     cmd = [sys.executable, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, **FAULT)]
     procs = [start(cmd, dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), merge_stderr=True) for r in (0, 1)]
     head = read_until(procs[0], "global batch: ", timeout=STARTUP_S)
