@@ -153,10 +153,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos_emb == "rope":  # not saved: computed by init_weights
+        if cfg.pos_emb == "rope":  # not saved: computed by init_weights, fp32 whatever the default dtype
             shape = (cfg.context_length, cfg.dim // cfg.n_heads)
-            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(shape, dtype=torch.float32), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape, dtype=torch.float32), persistent=False)
         if not self.tok_emb.weight.is_meta:  # a build on the meta device has no storage yet: init_weights later
             self.init_weights(seed)
 

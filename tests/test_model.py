@@ -121,3 +121,15 @@ def test_bf16_autocast_trains_without_warnings(options, param_dtype):
             loss.backward()
     finally:
         torch.set_warn_always(warn_always)
+
+
+def test_rope_tables_are_fp32_whatever_the_default_dtype():
+    """Built under a bf16 default dtype (as the planner builds FSDP's bf16 gathers), the RoPE tables stay
+    the fp32 the real model computes; bf16 tables once made the planner count less than a real forward saves."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = GPT(ModelConfig(context_length=16, dim=32, n_layers=1, n_heads=2, ffn_dim=48, pos_emb="rope"))
+    finally:
+        torch.set_default_dtype(default)
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32

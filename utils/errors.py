@@ -15,6 +15,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -99,12 +100,10 @@ def report_bug(kind: type[BaseException], e: BaseException, tb: TracebackType | 
     return EXIT_BUG
 
 
-_on_interrupt = sys.__excepthook__
-
-
 def _uncaught(kind: type[BaseException], e: BaseException, tb: TracebackType | None) -> None:
-    if issubclass(kind, KeyboardInterrupt):
-        _on_interrupt(kind, e, tb)  # utils/__init__.py's: one line and exit 130
+    if issubclass(kind, KeyboardInterrupt):  # outside run_cli and after start-up (utils/__init__.py exits at once)
+        say("error: interrupted; nothing was saved by this interruption")
+        os._exit(EXIT_INTERRUPTED)
     if issubclass(kind, UserError):  # raised outside run_cli (an entry point parsing its flags first)
         say(f"error: {one_line(str(e))}")
         os._exit(EXIT_USER)
@@ -125,15 +124,14 @@ def install_startup_boundary() -> None:
     imports load (torch takes seconds), a missing dependency, a bug at import; and, for the whole run, one
     in a background thread. Run by importing any package of ours (utils/__init__.py), which every entry
     point does before it imports torch."""
-    global _on_interrupt
-    if sys.excepthook is not _uncaught:  # utils/__init__.py's, installed first for a Ctrl-C while this module loads
-        _on_interrupt = sys.excepthook
     sys.excepthook = _uncaught
     threading.excepthook = _thread_failed
 
 
 def run_cli(body: Callable[[], int]) -> int:
     """Run an entry point's body and turn every failure into one line and an exit code."""
+    if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "utils":  # the start-up one: now a Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # is a KeyboardInterrupt again, handled below
     try:
         return body()
     except UserError as e:
