@@ -90,7 +90,7 @@ def absurd_yaml(kind: str, size: int, key: str) -> bytes:
     return f"{section}:\n  {name}: \xff\xfe\n".encode("latin-1")  # undecodable bytes
 
 
-@SETTINGS
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["nesting", "mapping nesting", "digits", "NUL", "lone surrogate", "undecodable"]),
        size=st.integers(600, 6000), key=st.sampled_from(valid_keys()))
 def test_absurd_config_files_are_one_line(capsys, tmp_path, kind, size, key):

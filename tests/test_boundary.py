@@ -64,6 +64,7 @@ def test_a_tool_whose_output_is_its_product_refuses_a_closed_stdout():
     assert proc.returncode == EXIT_USER and "standard output is closed" in one_error_line(proc.stderr)
 
 
+@pytest.mark.slow  # six training runs
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(delay=st.floats(0.0, 2.5))
 def test_ctrl_c_at_any_moment_of_start_up_is_at_most_one_line(tmp_path_factory, delay):

@@ -65,6 +65,7 @@ def checkpointer(folder: Path, sharded: bool) -> Checkpointer:
     return Checkpointer(folder, 3, DistInfo(0, 0, 1, torch.device("cpu"), None), sharded=sharded)
 
 
+@pytest.mark.slow  # its fixture trains twice, once under torchrun
 @SETTINGS
 @given(entry=st.integers(0, 50), fraction=st.floats(0, 1), bit=st.integers(0, 7))
 def test_a_flipped_bit_in_a_file_is_refused_and_resume_falls_back(runs, tmp_path_factory, entry, fraction, bit):
@@ -104,6 +105,7 @@ DAMAGE = st.sampled_from(["missing shard", "cut shard", "flipped bit in a shard"
                           "missing checksums", "missing extra.pt"])
 
 
+@pytest.mark.slow  # its fixture trains twice, once under torchrun
 @SETTINGS
 @given(kind=DAMAGE, where=st.floats(0, 0.999))
 def test_a_damaged_sharded_folder_is_refused_naming_the_file_and_resume_falls_back(runs, tmp_path_factory, kind,
@@ -134,6 +136,7 @@ def loader_argv(loader: str, checkpoint: Path, out: Path) -> tuple:
 LOADERS = ["inference", "evaluate", "convert", "export"]
 
 
+@pytest.mark.slow  # its fixture trains twice, once under torchrun
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("source", ["file/ckpt/step_0000004.pt", "sharded/ckpt/step_0000004"])
 def test_every_loader_reads_a_file_or_a_sharded_folder(runs, tmp_path, capsys, loader, source):
@@ -157,6 +160,7 @@ def looks_like_a_checkpoint(runs: Path, tmp: Path, kind: str) -> Path:
     return tmp / "partial.pt"
 
 
+@pytest.mark.slow  # its fixture trains twice, once under torchrun
 @pytest.mark.parametrize("loader", LOADERS + ["resume"])
 @pytest.mark.parametrize("kind", ["metadata beside unrelated files", "extra without a config", "partial config"])
 def test_what_only_looks_like_a_checkpoint_is_refused_in_one_line_by_every_loader(runs, tmp_path, capsys, loader,

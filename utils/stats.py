@@ -40,8 +40,9 @@ def _continued_fraction(a: float, b: float, x: float) -> float:
 
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t distribution with df degrees of freedom."""
-    # the two forms of the same tail, each where its argument is not a rounded 1 - tiny
-    if t * t > df:
+    # the two forms of the same tail: the first unless t is so small that df / (df + t^2) rounds toward 1;
+    # the second subtracts from 1, so past t^2 = df / 100 its tail (1e-27 at t -13, df 169) would round to 0
+    if t * t > df / 100:
         tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
     else:
         tail = 0.5 * (1 - betainc(0.5, df / 2, t * t / (df + t * t)))
