@@ -202,6 +202,20 @@ def test_wandb_missing_stops_before_training_with_one_line(single_run, tmp_path)
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("train_*.log"))
 
 
+def test_a_refused_wandb_login_writes_nothing_and_the_next_start_is_fresh(single_run, tmp_path):
+    """W&B online with no API key (a real refusal by wandb.init, in half a second): one line, exit 2, and
+    neither config.yaml nor a log, so the same start without W&B is a fresh start, not "holds a run"."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb); W&B logging is untested here")
+    data, _ = single_run
+    overrides = tiny_overrides(data, tmp_path / "run", train__max_steps=1)
+    proc = run_script("train_single.py", *overrides, "logging.wandb=true", "logging.wandb_mode=online",
+                      env=child_env(HOME=str(tmp_path), WANDB_API_KEY=None, WANDB_MODE=None))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: wandb.init failed") and \
+        len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
+    run_script("train_single.py", *overrides, check=True)
+
+
 def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):
     """scripts/evaluate.py on the last checkpoint gives training's final val loss, and writes JSON."""
     data, run = single_run

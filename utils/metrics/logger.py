@@ -9,6 +9,7 @@ checkpoint with every rank and stops with that line. It never surfaces as a thre
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,7 +21,7 @@ import torch
 
 from models.config import LoggingConfig
 from utils.device import synchronize
-from utils.errors import describe_os_error
+from utils.errors import UserError, describe_os_error
 from utils.metrics.flops import model_flops_utilization
 from utils.metrics.sinks import JsonlSink, WandbSink, require_wandb
 
@@ -99,16 +100,23 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = Path(log_dir)
+            created = [d for d in (log_dir, *log_dir.parents) if not d.exists()]  # innermost first
             log_dir.mkdir(parents=True, exist_ok=True)
             if (log_dir / "tensorboard" / self.run_name).exists():  # two runs started in the same second
                 self.run_name += f"-{os.getpid()}"
+            if logging.wandb:  # before any file of ours: a refused W&B run (a login) then leaves the folder as it was
+                try:
+                    self.wandb = WandbSink(logging, config or {}, self.run_name, log_dir)
+                except UserError:
+                    with contextlib.suppress(OSError):  # a folder W&B wrote into stays
+                        for folder in created:
+                            folder.rmdir()
+                    raise
             self.path = log_dir / f"train_{self.run_name}.log"
             self.file = open(self.path, "a", buffering=1)
             self.tb_dir = log_dir / "tensorboard" / self.run_name
             self.tb = SummaryWriter(str(self.tb_dir))
             self.jsonl = JsonlSink(log_dir / f"train_{self.run_name}.metrics.jsonl")
-            if logging.wandb:
-                self.wandb = WandbSink(logging, config or {}, self.run_name, log_dir)
 
     def _write(self, writer: str, write: Callable[[], object]) -> None:
         """One side write on rank 0; the first failure switches that writer off and is kept as `failure`."""

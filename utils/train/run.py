@@ -249,10 +249,12 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
             print(line)
 
     # accepted: from here on the run writes
-    checkpointer.accept(config_to_yaml(cfg))
-    logger = MetricsLogger(cfg.logging.dir, info.is_main, f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                           logging=cfg.logging, config=config_to_dict(cfg))
+    # the logger first: its W&B run can still be refused (a login), and every rank hears it before config.yaml
+    logger = on_every_rank(info, lambda: MetricsLogger(cfg.logging.dir, info.is_main, f"{run_name}-"
+                                                       f"{time.strftime('%Y%m%d-%H%M%S')}", logging=cfg.logging,
+                                                       config=config_to_dict(cfg)))
     try:
+        checkpointer.accept(config_to_yaml(cfg))
         logger.file_only(config_to_yaml(cfg).rstrip())
         for line in notes:
             logger.file_only(line)
