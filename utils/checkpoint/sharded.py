@@ -140,12 +140,6 @@ def verify_folder(folder: Path, checksums: bool = True) -> None:
         verify_crc(folder / EXTRA)
 
 
-def is_complete(folder: str | Path) -> bool:
-    """A published folder holding every file of the layout (verify_folder says what is wrong with one)."""
-    folder = Path(folder)
-    return not folder.name.startswith(".") and all((folder / n).is_file() for n in (METADATA, EXTRA, CHECKSUMS))
-
-
 def read_extra(folder: str | Path, verify: bool = True) -> dict:
     """The non-tensor state of a whole folder (config, counters, RNG), on the CPU; `verify` checks every
     shard's size and checksum first."""

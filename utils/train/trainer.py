@@ -192,7 +192,8 @@ class Trainer:
     def stop_for_side_writer(self, failure: str) -> None:
         """A log, metrics or W&B write failed: keep the training done since the last checkpoint if the disk
         still takes one, then stop with one line either way."""
-        last = self.checkpointer.step_files()[-1][0] if self.checkpointer.step_files() else None
+        saved = self.checkpointer.step_files()
+        last = saved[-1][0] if saved else None
         try:
             self.save()
         except CheckpointError as e:
@@ -203,11 +204,12 @@ class Trainer:
                         f"--resume auto")
 
     def stop_reason(self) -> str | None:
-        """Why to stop after this step, the same on every rank; None to go on. Collective."""
+        """Why to stop after this step, the same on every rank; None to go on. Collective. A side writer's
+        failure does not return: it saves if it can and raises (stop_for_side_writer)."""
         if self.stop.should_stop(self.info, failing=self.log.failure is not None):
             failure = broadcast_object(self.log.failure, self.info)  # rank 0 writes the logs
             if failure:
-                return failure
+                self.stop_for_side_writer(failure)  # raises, after saving if it can
             return f"stop signal received ({self.stop.received or 'on another rank'})"
         if self.step == self.cfg.stop_at_step:
             return f"train.stop_at_step={self.cfg.stop_at_step} reached"
@@ -234,8 +236,6 @@ class Trainer:
             if due(self.step, self.eval_every) or last:
                 val = self.validate()
             stop = self.stop_reason()
-            if stop and stop.startswith("could not write"):
-                self.stop_for_side_writer(stop)
             if due(self.step, self.save_every) or last or stop:
                 self.save()
             if stop:
