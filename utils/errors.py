@@ -67,7 +67,9 @@ def describe_os_error(e: OSError) -> str:
 def say(line: str) -> None:
     """Print the one error line; under torchrun also hand it to the launcher (its error file), so the
     failure report torchrun prints last names this line instead of "To enable traceback see ..."."""
-    print(line, file=sys.stderr)
+    # one write: print sends the newline apart, and lines of ranks that fail together would interleave
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         try:

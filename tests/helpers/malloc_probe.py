@@ -40,5 +40,6 @@ if __name__ == "__main__":
         import train_ddp
 
         code = train_ddp.main()
-    print(threshold_probe())
+    # One write: with PYTHONUNBUFFERED print sends the line and its newline apart, and two ranks' lines interleave
+    sys.stdout.write(threshold_probe() + "\n")
     sys.exit(code)

@@ -21,6 +21,8 @@ import threading
 
 import torch.distributed as dist
 
+from utils.errors import say
+
 PORT_KEY = "bytegpt/watchdog_port"
 EXIT_RANK_LOST = 1
 GRACE_S = 5.0  # a rank that fails itself meanwhile reports its own error instead (see depart)
@@ -130,8 +132,8 @@ class Watchdog:
             with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe by now
                 sys.stdout.flush()
             who = "a rank that had not said hello" if self.lost_rank == -1 else f"rank {self.lost_rank}"
-            print(f"error: {who} ended before the run finished (killed, crashed or its host lost; see its own "
-                  f"output); stopping rank {self.rank} as well", file=sys.stderr, flush=True)
+            say(f"error: {who} ended before the run finished (killed, crashed or its host lost; see its own "
+                f"output); stopping rank {self.rank} as well")
             os._exit(EXIT_RANK_LOST)
 
     def stop(self, finished: bool, error_may_be_a_peers: bool = False) -> None:
