@@ -4,8 +4,11 @@
         --variant base --variant "rope:model.pos_emb=rope" --variant "muon:optim.name=muon"
 
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
-schedule is then planned for exactly that many), then trained once per seed; the final validation
-loss is a full deterministic pass over the split. Prints a markdown table and writes JSON rows.
+schedule is then planned for exactly that many; a variant that sets train.max_steps keeps it), then
+trained once per seed, the variants taking turns; the final validation loss is a full deterministic
+pass over the split. Prints a markdown table and writes JSON rows. On a machine whose speed drifts
+(docs/recipes.md), read the table's train s: a variant that got more time than the others is not
+compared at equal time.
 
 The significance rule: the first variant is the reference, and another variant "helps" only when its
 final val loss is lower with p < --alpha (0.01) in a one-sided paired t-test over the seeds (seed k of
@@ -32,25 +35,31 @@ from utils.stats import paired_lower
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(config: str, overrides: list[str]) -> dict[str, float]:
-    """Run train_single.py in a scratch folder; the last value of every scalar its metrics.jsonl holds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
-               f"checkpoint.dir={Path(tmp) / 'ckpt'}", f"logging.dir={Path(tmp) / 'logs'}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {one_line(why[0])}")
-        last: dict[str, float] = {}
-        for line in next(Path(tmp, "logs").glob("*.metrics.jsonl")).read_text().splitlines():
-            last.update(json.loads(line))
-        return last
+def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]]:
+    """Run train_single.py writing under tmp; the rows of its metrics.jsonl."""
+    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
+           f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {one_line(why[0])}")
+    return [json.loads(line) for line in next((tmp / "logs").glob("*.metrics.jsonl")).read_text().splitlines()]
 
 
 def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
-    last = train(config, [*overrides, f"train.max_steps={steps}", "eval.every=0", "checkpoint.every=0",
-                          "eval.sample_tokens=0", "eval.max_bytes=1000"])
-    return last["train/seconds"] / last["step"]
+    """Timed over the second half of a short run: its first steps (allocation, warm-up) are slower."""
+    half = max(1, steps // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = train(config, [*overrides, f"train.max_steps={2 * half}", f"train.log_every={half}", "eval.every=0",
+                              "checkpoint.every=0", "eval.sample_tokens=0", "eval.max_bytes=1000"], Path(tmp))
+    seconds = {row["step"]: row["train/seconds"] for row in rows if "train/seconds" in row}
+    return (seconds[2 * half] - seconds[half]) / half
+
+
+def planned_steps(args: argparse.Namespace, overrides: list[str]) -> int:
+    if any(o.startswith("train.max_steps=") for o in overrides):
+        return load_config(args.config, overrides).train.max_steps
+    return max(1, int(args.budget / seconds_per_step(args.config, overrides, args.calibration_steps)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.01, help="significance level of the rule (see above)")
     p.add_argument("--variant", action="append", required=True,
                    help="'name' or 'name:key=value key=value' (overrides on top of --config)")
-    p.add_argument("--calibration-steps", type=int, default=60)
+    p.add_argument("--calibration-steps", type=int, default=150,
+                   help="steps of the timing run, timed over its second half (default 150: a CPU's first "
+                        "seconds at boost clock would plan too many steps)")
     p.add_argument("--json", default=None, help="append one JSON line per run here")
     args = p.parse_args(argv)
     if not args.budget > 0 or args.calibration_steps < 1 or not 0 < args.alpha < 1:
@@ -77,23 +88,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ablate(args: argparse.Namespace) -> int:
-    rows = []
-    for name, overrides in args.variant:
-        sps = seconds_per_step(args.config, overrides, args.calibration_steps)
-        steps = max(1, int(args.budget / sps))
-        losses, times = [], []
-        for seed in args.seeds:
-            last = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps}",
-                                       f"eval.every={steps}", "checkpoint.every=0"])
-            losses.append(last["val/loss"])
-            times.append(last["train/seconds"])
-            run = {"variant": name, "overrides": overrides, "seed": seed, "steps": steps, "val_loss": last["val/loss"],
-                   "train_seconds": last["train/seconds"], "budget": args.budget, "config": args.config}
+    # the variants take turns, in calibration and then seed by seed: this machine's speed drifts by 20-30%
+    # over tens of seconds (docs/recipes.md), and turns spread a slow spell over all variants alike
+    steps = {name: planned_steps(args, overrides) for name, overrides in args.variant}
+    losses: dict[str, list[float]] = {name: [] for name, _ in args.variant}
+    times: dict[str, list[float]] = {name: [] for name, _ in args.variant}
+    for seed in args.seeds:
+        for name, overrides in args.variant:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = train(args.config, [*overrides, f"train.seed={seed}", f"train.max_steps={steps[name]}",
+                                           f"eval.every={steps[name]}", "checkpoint.every=0"], Path(tmp))
+            last = {k: v for row in rows for k, v in row.items()}
+            losses[name].append(last["val/loss"])
+            times[name].append(last["train/seconds"])
+            run = {"variant": name, "overrides": overrides, "seed": seed, "steps": steps[name],
+                   "val_loss": last["val/loss"], "train_seconds": last["train/seconds"], "budget": args.budget,
+                   "config": args.config}
             print(json.dumps(run), file=sys.stderr)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(run) + "\n")
-        rows.append((name, " ".join(overrides) or "-", steps, mean(times), losses))
+    rows = [(name, " ".join(overrides) or "-", steps[name], mean(times[name]), losses[name])
+            for name, overrides in args.variant]
     print("| variant | overrides | steps | train s | " + " | ".join(f"val (seed {s})" for s in args.seeds)
           + " | mean val | vs first |")
     print("|---" * (6 + len(args.seeds)) + "|")

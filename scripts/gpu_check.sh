@@ -21,7 +21,8 @@
 #   total                                                                        445 s
 # The whole run stops at 470 s whatever happens: a step gets at most the time left and one with none left
 # reads "not run", so the script ends inside 8 minutes even if every step hangs. nanoGPT's side by side
-# (python -m scripts.vs_nanogpt --compiled) is outside this budget; run it on its own.
+# (python -m scripts.vs_nanogpt --compiled) is outside this budget; run it on its own, and so is the 1-GPU
+# record track's first minutes, with its tokens/s and MFU: bash scripts/gpu_track.sh configs/enwik8_1gpu.yaml 180
 #
 # Without a CUDA device it says so and prints the table of skips (the tests collected and skipped), exit 0.
 # Exit status: 1 when a check failed or timed out, else 0 (skipped and not-run are not failures).

@@ -9,7 +9,7 @@ from conftest import make_dataset, run_script, tiny_overrides
 
 pytest.importorskip("matplotlib", reason="plotting needs matplotlib (requirements-dev.txt)")
 
-from scripts.plot_runs import read_nanogpt_log, read_runs  # noqa: E402
+from utils.metrics.curves import read_nanogpt_log, read_runs  # noqa: E402
 
 # training through the real entry point, then a report of whether matplotlib got imported
 TRAIN_AND_REPORT = """import runpy, sys

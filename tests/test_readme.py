@@ -32,6 +32,7 @@ ELSEWHERE = {
     "sbatch": "needs SLURM (and GPUs): tests/test_slurm.py runs the CPU line on a local SLURM cluster",
     "mkdir -p logs": "the SLURM block's first line, run with it by tests/test_slurm.py",
     "bash scripts/gpu_check.sh": "tests/test_gpu_check.py runs it (here, without a GPU: the table of skips)",
+    "bash scripts/gpu_track.sh": "a 12-layer model for 3 minutes: tests/test_record.py runs it with a tiny config",
 }
 SERVERS = {"tensorboard --logdir": "TensorBoard"}  # runs until stopped: started, awaited, stopped
 

@@ -64,7 +64,7 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     assert table[1].endswith("| reference |") and re.search(r"\| [+-]\d\.\d{4}, p = \S+ \((helps|hurts|not shown)\) \|$",
                                                            table[2])
     runs = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("base", 2), ("rope", 1), ("rope", 2)]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("rope", 1), ("base", 2), ("rope", 2)]  # turns
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
 
 

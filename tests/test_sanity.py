@@ -35,8 +35,9 @@ def test_stop_at_step_after_the_end_is_refused():
 
 def test_shipped_configs_start_without_warnings():
     """The quick start and the recipes are not pointless (their data's shard sizes as prepared by the README)."""
-    for name, steps_per_epoch in (("cpu_quickstart", 102), ("shakespeare_cpu", 1307)):
-        cfg = load_config(f"configs/{name}.yaml", [])
+    for name, overrides, steps_per_epoch in (("cpu_quickstart", [], 102), ("shakespeare_cpu", [], 490),
+                                             ("shakespeare_cpu", ["train.max_steps=730"], 490)):
+        cfg = load_config(f"configs/{name}.yaml", overrides)
         assert start_warnings(cfg, [50_000], steps_per_epoch) == [], name
 
 
