@@ -103,7 +103,7 @@ def adapt(cmd: str, repo: Path) -> str:
     if "scripts.benchmark" in cmd:
         cmd += f" --steps 1 --warmup 0 {TINY}"
     if "scripts.ablate" in cmd:
-        cmd = cmd.replace("--budget 25", "--budget 1").replace("--seeds 1 2", "--seeds 1")
+        cmd = cmd.replace("--budget 25", "--budget 0.2").replace("--seeds 1 2", "--seeds 1")
         cmd = re.sub(r'--variant "(\w+):([^"]*)"', rf'--variant "\1:\2 {TINY}"', cmd)
         cmd = cmd.replace("--variant base", f'--variant "base:{TINY}"')
     return cmd

@@ -56,7 +56,7 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = yaml.safe_load(value)
     config.write_text(yaml.safe_dump(sections))
-    proc = run_script("-m", "scripts.ablate", "--config", config, "--budget", "1", "--seeds", "1", "2",
+    proc = run_script("-m", "scripts.ablate", "--config", config, "--budget", "0.2", "--seeds", "1", "2",
                       "--calibration-steps", "5", "--json", tmp_path / "runs.jsonl",
                       "--variant", "base", "--variant", "rope:model.pos_emb=rope", check=True)
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
