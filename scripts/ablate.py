@@ -30,6 +30,7 @@ from statistics import mean
 
 from models.config_loader import load_config
 from utils.errors import ArgumentParser, UserError, one_line, run_cli
+from utils.metrics.curves import read_metrics
 from utils.stats import paired_lower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]
     if proc.returncode != 0:
         why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {one_line(why[0])}")
-    return [json.loads(line) for line in next((tmp / "logs").glob("*.metrics.jsonl")).read_text().splitlines()]
+    return read_metrics(tmp / "logs")
 
 
 def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:
@@ -88,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ablate(args: argparse.Namespace) -> int:
-    # the variants take turns, in calibration and then seed by seed: this machine's speed drifts by 20-30%
-    # over tens of seconds (docs/recipes.md), and turns spread a slow spell over all variants alike
+    # the variants take turns, seed by seed: this machine's speed drifts by 20-30% over tens of seconds
+    # (docs/recipes.md), and turns spread a slow spell over all variants alike
     steps = {name: planned_steps(args, overrides) for name, overrides in args.variant}
     losses: dict[str, list[float]] = {name: [] for name, _ in args.variant}
     times: dict[str, list[float]] = {name: [] for name, _ in args.variant}

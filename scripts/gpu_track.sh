@@ -23,9 +23,13 @@ rc=$?
 (( rc == 124 )) && rc=0  # the SIGTERM stopped it: the planned steps were never the point
 (( rc != 0 )) && exit "$rc"
 "$PYTHON" - "$out/logs" "$config" <<'PY'
-import json, statistics, sys
-from pathlib import Path
-rows = [json.loads(l) for f in Path(sys.argv[1]).glob("*.metrics.jsonl") for l in f.read_text().splitlines()]
+import statistics, sys
+from utils.errors import UserError
+from utils.metrics.curves import read_metrics
+try:
+    rows = read_metrics(sys.argv[1])
+except UserError:  # stopped before its logger started
+    rows = []
 train = [r for r in rows if "train/tokens_per_sec" in r]
 if not train:
     sys.exit(f"error: {sys.argv[2]} logged no training step in the time given; give it more SECONDS")

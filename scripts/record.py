@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from models.config_loader import config_to_yaml, load_config
-from utils.metrics.curves import plot, read_nanogpt_log, read_runs
+from utils.metrics.curves import plot, read_metrics, read_nanogpt_log, read_runs
 from utils.device import device_name
 from utils.errors import ArgumentParser, UserError, one_line, run_cli
 from utils.stats import paired_lower
@@ -133,8 +133,7 @@ def run_ours(name: str, config: str, overrides: list[str], seed: int, folder: Pa
         if proc.returncode != 0:
             why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             raise UserError(f"run {name}, seed {seed} failed: {one_line(why[0])}")
-        last = {k: v for line in next(folder.glob("*.metrics.jsonl")).read_text().splitlines()
-                for k, v in json.loads(line).items()}
+        last = {k: v for row in read_metrics(folder) for k, v in row.items()}
         # (step, seconds of training, loss) per evaluation, the seconds interpolated between logged steps
         curve = read_runs(str(folder))[0].val
         result = {"steps": last["step"], "train_seconds": last["train/seconds"], "val_loss": last["val/loss"],
@@ -166,7 +165,7 @@ def write_readme(args: argparse.Namespace, out: Path, rows: list[dict], about: d
     ref = [r for r in rows if r["run"] == "nanoGPT"]
     lines = [f"# Record: {', '.join(args.runs)} ({about['date']})", "",
              f"- machine: {about['device']}" + (f" on {about['cpu']}" if about["cpu"] != about["device"] else "")
-             + f"; torch {about['torch']}, Python {about['python']}",
+             + (f"; {about['gpus']} GPU(s) visible" if about["gpus"] else "") + f"; torch {about['torch']}, Python {about['python']}",
              f"- load: 1-minute load average {about['load_start']:.2f} at the start, "
              f"{about['load_end']:.2f} at the end (each run's own in runs.jsonl)",
              f"- seeds: {' '.join(map(str, args.seeds))}; significance: one-sided t-test over seeds, p < {args.alpha}",

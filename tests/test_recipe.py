@@ -58,7 +58,7 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     config.write_text(yaml.safe_dump(sections))
     proc = run_script("-m", "scripts.ablate", "--config", config, "--budget", "0.2", "--seeds", "1", "2",
                       "--calibration-steps", "5", "--json", tmp_path / "runs.jsonl",
-                      "--variant", "base", "--variant", "rope:model.pos_emb=rope", check=True)
+                      "--variant", "base", "--variant", "rope:model.pos_emb=rope train.max_steps=3", check=True)
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
     assert table[0].startswith("| variant |") and [l.split(" | ")[0] for l in table[1:]] == ["| base", "| rope"]
     assert table[1].endswith("| reference |") and re.search(r"\| [+-]\d\.\d{4}, p = \S+ \((helps|hurts|not shown)\) \|$",
@@ -66,6 +66,7 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     runs = [json.loads(l) for l in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("rope", 1), ("base", 2), ("rope", 2)]  # turns
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
+    assert [r["steps"] for r in runs if r["variant"] == "rope"] == [3, 3]  # a variant's own max_steps is kept
 
 
 @pytest.mark.parametrize("args, says", [

@@ -1,11 +1,12 @@
-"""Loss curves of training runs, read from their TensorBoard event files or from a nanoGPT log, and
-their picture: what scripts/plot_runs.py and scripts/record.py draw. matplotlib is imported only
+"""Loss curves of training runs, read from their TensorBoard event files, their metrics.jsonl or a nanoGPT
+log, and their picture: what scripts/plot_runs.py and scripts/record.py draw. matplotlib is imported only
 to draw (requirements-dev.txt); training never imports this module.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ class Curve:
     train: list[tuple[int, float, float]] = field(default_factory=list)
     val: list[tuple[int, float, float]] = field(default_factory=list)
 
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, float]]:
+    """The rows of the one run's metrics.jsonl in log_dir (logging.dir), in the order they were logged."""
+    found = sorted(Path(log_dir).glob("*.metrics.jsonl"))
+    if not found:
+        raise UserError(f"{log_dir} holds no *.metrics.jsonl: the run stopped before its logger started")
+    return [json.loads(line) for line in found[-1].read_text().splitlines()]
 
 def seconds_at(steps: list[int], known: list[tuple[int, float]]) -> list[float]:
     """Seconds of training at each step, interpolated between the steps where they were logged."""
