@@ -43,6 +43,9 @@ def runs(tmp_path_factory) -> Path:
                  env=child_env(LOGITS_OUT=str(tmp / "fsdp_logits.pt")))
     run_torchrun(2, "train_ddp.py", "--device", "cpu", *overrides(tmp, "fsdp_accum", 1, 2, train__keep_last=1),
                  check=True)
+    muon = dict(optim__name="muon", optim__muon_lr=0.02)
+    run_script("train_single.py", "--device", "cpu", *overrides(tmp, "one_muon", 4, **muon), check=True)
+    run_torchrun(2, "train_ddp.py", "--device", "cpu", *overrides(tmp, "fsdp_muon", 2, **muon), check=True)
     # killed while publishing step 6, then continued with --resume auto
     crash = run_torchrun(2, PROBE, "--device", "cpu", *overrides(tmp, "crash", 2), env=child_env(KILL_AT_STEP="6"))
     assert crash.returncode != 0, crash.stdout
@@ -98,6 +101,14 @@ def test_fsdp_matches_ddp_and_one_process(runs):
     assert relative_difference(fsdp, final_weights(runs, "one")) < REL
     assert_same_curve(losses(runs, "fsdp"), losses(runs, "ddp"))
     assert_same_curve(losses(runs, "fsdp"), losses(runs, "one"))
+
+
+@pytest.mark.slow
+def test_fsdp_muon_matches_one_process(runs):
+    """Muon under FSDP gathers each shard's matrix, orthogonalises the stack and keeps its own part:
+    the same weights and curve as one process."""
+    assert relative_difference(final_weights(runs, "fsdp_muon"), final_weights(runs, "one_muon")) < REL
+    assert_same_curve(losses(runs, "fsdp_muon"), losses(runs, "one_muon"))
 
 
 @pytest.mark.slow

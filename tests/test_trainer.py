@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_overrides
 from models.config_loader import load_config
 from utils.distributed.process_group import DistInfo
 from utils.metrics.logger import MetricsLogger
-from utils.train.optim import build_optimizer, lr_at, newton_schulz
+from utils.train.optim import Muon, build_optimizer, lr_at, newton_schulz
 from utils.train.run import build_trainer, load_data, resolve_run_precision
 from utils.train.health import TrainingDiverged
 from utils.train.trainer import Trainer
@@ -111,6 +112,62 @@ def test_muon_orthogonalises_in_the_runs_precision(precision, dtype):
 
     model = GPT(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=16))
     assert build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"), precision).ns_dtype == dtype
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 4), rows=st.integers(2, 40), cols=st.integers(2, 40), seed=st.integers(0, 2 ** 16))
+def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own(count, rows, cols, seed):
+    """Muon orthogonalises same-shaped matrices as one stack; each comes out as if alone."""
+    stack = torch.randn(count, rows, cols, generator=torch.Generator().manual_seed(seed))
+    together = newton_schulz(stack, dtype=torch.float32)
+    for g, o in zip(stack, together):
+        torch.testing.assert_close(o, newton_schulz(g, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def muon_and_reference(muon_lr=0.05, adam_lr=0.01, wd=0.1, momentum=0.9, betas=(0.9, 0.99)):
+    """A Muon over three matrices (two of one shape) and an AdamW group, and copies of the same tensors."""
+    torch.manual_seed(0)
+    shapes = [(8, 6), (8, 6), (5, 9)]
+    matrices = [torch.randn(s, requires_grad=True) for s in shapes]
+    adam = [torch.randn(7, requires_grad=True), torch.randn(4, 3, requires_grad=True)]
+    opt = Muon([dict(params=matrices, muon=True, weight_decay=wd), dict(params=adam, muon=False, weight_decay=wd)],
+               lr=muon_lr, momentum=momentum, betas=betas, adam_lr=adam_lr, ns_dtype=torch.float32)
+    copies = [p.detach().clone().requires_grad_() for p in matrices + adam]
+    return opt, matrices, adam, copies
+
+
+def test_muon_adamw_part_is_torch_adamw():
+    """The non-matrix groups follow torch.optim.AdamW exactly (same decay, bias correction and eps)."""
+    opt, matrices, adam, copies = muon_and_reference()
+    reference = torch.optim.AdamW(copies[len(matrices):], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
+    for step in range(5):
+        for p, q in zip(adam, copies[len(matrices):]):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+        for p, q in zip(adam, copies[len(matrices):]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_update_is_the_orthogonalised_nesterov_momentum():
+    """Each matrix moves by -lr * sqrt(max(1, rows/cols)) * NS(g + m * (buf - g)), buf the momentum of its
+    gradients, after decoupled decay: computed here one matrix at a time, in the optimizer as stacks."""
+    lr, wd, m = 0.05, 0.1, 0.9
+    opt, matrices, adam, copies = muon_and_reference(muon_lr=lr, wd=wd, momentum=m)
+    bufs = [torch.zeros_like(p) for p in matrices]
+    for step in range(3):
+        for p in matrices + adam:
+            p.grad = torch.randn_like(p)
+        with torch.no_grad():
+            for q, p, buf in zip(copies, matrices, bufs):
+                buf.mul_(m).add_(p.grad, alpha=1 - m)
+                nesterov = p.grad + m * (buf - p.grad)
+                q.mul_(1 - lr * wd).sub_(lr * max(1, q.size(0) / q.size(1)) ** 0.5 *
+                                         newton_schulz(nesterov, dtype=torch.float32))
+        opt.step()
+        for p, q in zip(matrices, copies):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_newton_schulz_is_near_orthogonal():

@@ -34,37 +34,45 @@ def lr_at(step: int, cfg: ScheduleConfig, peak_lr: float, max_steps: int) -> flo
 
 
 def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Approximately orthogonalise G (the U V^T of its SVD), in bf16 as the published Muon does
-    (fp32 where the run trains in fp32: CPUs without bf16 units run bf16 matmuls several times slower).
+    """Approximately orthogonalise G (the U V^T of its SVD), or each matrix of a stack [n, rows, cols],
+    in bf16 as the published Muon does (fp32 where the run trains in fp32: CPUs without bf16 units run
+    bf16 matmuls several times slower).
 
     The quintic coefficients push singular values into roughly [0.7, 1.2] in few steps rather
     than converging exactly to 1, which is all the update needs.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
+    single = X.dim() == 2
+    if single:
+        X = X.unsqueeze(0)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    if tall:
+        X = X.mT
+    return X[0] if single else X
 
 
-def orthogonalised(G: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """newton_schulz of the whole matrix, also when G is an FSDP shard (a DTensor).
+def orthogonalised(updates: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+    """newton_schulz of each matrix in a list of same-shaped ones, as one stack: on small models the
+    per-matrix calls cost more in dispatch than in arithmetic (4x fewer kernel launches per step).
 
-    Orthogonalisation needs the full matrix, so a shard is gathered first; every rank then holds
-    the same full update and keeps only its own shard of it.
+    Orthogonalisation needs the whole matrix, so an FSDP shard (a DTensor) is gathered first; every
+    rank then holds the same full update and keeps only its own shard of it.
     """
-    if not hasattr(G, "full_tensor"):
-        return newton_schulz(G, steps, dtype)
-    return local_part(newton_schulz(G.full_tensor(), steps, dtype), G)
+    full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in updates]
+    return [local_part(o, g) for o, g in zip(newton_schulz(torch.stack(full), steps, dtype).unbind(), updates)]
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for param groups with muon=True, AdamW for the others."""
+    """Muon for param groups with muon=True, AdamW for the others; each group's tensors are updated
+    together with torch._foreach_* ops (one kernel per operation, not one per parameter)."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, betas: tuple[float, float],
                  adam_lr: float, ns_steps: int = 5, eps: float = 1e-8,
@@ -78,30 +86,44 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                p.mul_(1 - lr * wd)
-                if group["muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    g = p.grad.lerp(buf, group["momentum"])  # Nesterov
-                    # scale so the update's RMS does not shrink for tall matrices
-                    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                    p.add_(orthogonalised(g, group["ns_steps"], self.ns_dtype).to(p.dtype), alpha=-lr * scale)
-                else:
-                    if not state:
-                        state.update(step=torch.zeros((), dtype=torch.float32),
-                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    beta1, beta2 = group["betas"]
-                    state["step"] += 1
-                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                    state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-                    t = state["step"].item()
-                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            (self._muon if group["muon"] else self._adamw)(group, params, [p.grad for p in params])
+
+    def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(p.shape, []).append(i)
+        for shape, index in by_shape.items():
+            scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # the update's RMS does not shrink for tall matrices
+            ortho = orthogonalised([updates[i] for i in index], group["ns_steps"], self.ns_dtype)
+            torch._foreach_add_([params[i] for i in index], [o.to(params[i].dtype) for o, i in zip(ortho, index)],
+                                alpha=-group["lr"] * scale)
+
+    def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        for state, p in zip(states, params):
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32),
+                             exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        exp_avg = [s["exp_avg"] for s in states]
+        exp_avg_sq = [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+        steps = [s["step"].item() for s in states]  # a CPU scalar each: no device sync
+        denom = torch._foreach_div(exp_avg_sq, [1 - beta2 ** t for t in steps])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-group["lr"] / (1 - beta1 ** t) for t in steps])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
