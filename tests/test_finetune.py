@@ -2,6 +2,7 @@
 sharded folder, on 2 FSDP ranks or 1 process, its model section taken from the checkpoint; a model that
 differs is refused before anything is written; --resume auto continues the fine-tune, not its start."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from conftest import TINY_TEXT, make_dataset, run_script, run_torchrun, tiny_ove
 from models.config import Config, ModelConfig
 from models.config_loader import config_from_dict, config_to_dict, load_config
 from models.transformer import GPT
-from utils.checkpoint.format import CONFIG, FORMAT, FORMAT_VERSION, MODEL, TRAINER, save_checkpoint
+from utils.checkpoint.format import CONFIG, FORMAT, FORMAT_VERSION, MODEL, TRAINER, CheckpointError, save_checkpoint
 from utils.checkpoint.reader import load_weights
+from utils.train.finetune import model_base
 
 SOURCE = "source/ckpt/step_0000003.pt"  # a 3-step run of the tiny model, one process
 SHARDED = "fsdp/ckpt/step_0000001"  # the fine-tune of SOURCE on 2 FSDP ranks
@@ -106,16 +108,35 @@ def test_the_checkpoints_model_section_lies_beneath_the_file_and_overrides(tmp_p
 
 @pytest.mark.slow
 def test_resume_auto_continues_the_fine_tune(runs):
-    """Stopped at step 2 and continued with --resume auto, a fine-tune ends bit for bit where the
-    uninterrupted one does: it restores its own checkpoint, never the init weights again."""
-    def args(name: str) -> list[str]:
-        return fine_tune(runs, name, runs / SOURCE, train__max_steps=4)
+    """Stopped at step 2 and continued with --resume auto after its init checkpoint was deleted, a fine-tune
+    ends bit for bit where the uninterrupted one does: it restores its own checkpoint and model section,
+    never reading the init checkpoint again."""
+    init = runs / "init_copy.pt"
+    shutil.copy(runs / SOURCE, init)
 
-    run_script("train_single.py", "--device", "cpu", *args("whole"), check=True)
-    run_script("train_single.py", "--device", "cpu", *args("stopped"), "train.stop_at_step=2", check=True)
-    resumed = run_script("train_single.py", "--device", "cpu", "--resume", "auto", *args("stopped"), check=True)
+    def args(name: str, source: Path) -> list[str]:
+        return fine_tune(runs, name, source, train__max_steps=4)
+
+    run_script("train_single.py", "--device", "cpu", *args("whole", runs / SOURCE), check=True)
+    run_script("train_single.py", "--device", "cpu", *args("stopped", init), "train.stop_at_step=2", check=True)
+    init.unlink()
+    resumed = run_script("train_single.py", "--device", "cpu", "--resume", "auto", *args("stopped", init), check=True)
     assert "resumed from" in resumed.stdout and "fine-tuning from" not in resumed.stdout, resumed.stdout
     whole, stopped = (load_weights(runs / name / "ckpt/step_0000004.pt") for name in ("whole", "stopped"))
     assert all(torch.equal(whole[MODEL][k], stopped[MODEL][k]) for k in whole[MODEL])
-    assert stopped[TRAINER]["step"] == 4 and stopped[CONFIG]["train"]["init_from"] == str(runs / SOURCE)
+    assert stopped[TRAINER]["step"] == 4 and stopped[CONFIG]["train"]["init_from"] == str(init)
     assert not torch.equal(stopped[MODEL]["tok_emb.weight"], load_weights(runs / SOURCE)[MODEL]["tok_emb.weight"])
+
+
+def test_the_model_base_of_a_resume_is_the_runs_own(runs, tmp_path):
+    """--resume PATH takes PATH's model section and --resume auto the run's config.yaml: neither reads the
+    init checkpoint, which a fresh start needs and names in its error."""
+    source = load_weights(runs / SOURCE)[CONFIG]["model"]
+    gone = str(tmp_path / "deleted.pt")
+    assert model_base(gone, str(runs / SOURCE), str(tmp_path / "ckpt")) == {"model": source}
+    assert model_base(gone, "auto", str(runs / "source/ckpt")) == {"model": source}
+    with pytest.raises(CheckpointError, match="train.init_from: checkpoint not found"):
+        model_base(gone, None, str(runs / "source/ckpt"))
+    with pytest.raises(CheckpointError, match="--resume: checkpoint not found"):
+        model_base(str(runs / SOURCE), gone, str(runs / "source/ckpt"))
+

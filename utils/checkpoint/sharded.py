@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def full_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     extra = read_extra(folder)
     weights = GPT(config_from_dict(extra[CONFIG]).model).state_dict()  # the keys and shapes to read
     try:
-        dcp.load({MODEL: weights}, checkpoint_id=str(folder))  # no process group: one process
+        with warnings.catch_warnings():  # one process without a process group is the intent here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load({MODEL: weights}, checkpoint_id=str(folder))
     except Exception as e:  # DCP wraps each rank's failure in its own exception types
         raise CheckpointError(f"{folder} could not be read as its config's model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

@@ -62,7 +62,8 @@ def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs
             parser.error(f"unrecognized argument: {item}")
     cfg = load_config(args.config, overrides)
     if cfg.train.init_from:  # a fine-tune's model section is its checkpoint's, beneath the file and overrides
-        cfg = load_config(args.config, overrides, base=model_base(cfg.train.init_from))
+        cfg = load_config(args.config, overrides,
+                          base=model_base(cfg.train.init_from, args.resume, cfg.checkpoint.dir))
     if args.print_config:
         print(describe_config(cfg))
         parser.exit()

@@ -3,18 +3,21 @@ the weights of any checkpoint (a file, or a sharded folder) on any strategy and 
 
 The model section is the checkpoint's: the command line reads it as the base beneath the config file and
 the overrides (`model_base`), so they may restate it but not change it, except TUNABLE (`check_init`,
-before anything is written). Resuming a fine-tune continues from its own checkpoints and never loads these
-weights (utils/train/run.py).
+before anything is written). Resuming a fine-tune continues from its own checkpoints and never reads the
+init checkpoint again (`model_base`, utils/train/run.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+import yaml
 
 from models.config import Config
 from models.transformer import GPT
+from utils.checkpoint.folder import CONFIG_FILE
 from utils.checkpoint.format import CONFIG, MODEL, CheckpointError
 from utils.checkpoint.reader import read_state
 from utils.distributed.parallel import local_part
@@ -24,17 +27,25 @@ from utils.train.preflight import model_changes
 TUNABLE = ("dropout",)
 
 
-def _read(path: str | Path, verify: bool) -> dict:
+def _read(path: str | Path, verify: bool, key: str = "train.init_from") -> dict:
     """The state (a file's tensors mapped, not read; a folder's without them), errors naming the key."""
     try:
         return read_state(path, verify=verify, mmap=True)
     except CheckpointError as e:
-        raise CheckpointError(f"train.init_from: {e}") from None
+        raise CheckpointError(f"{key}: {e}") from None
 
 
-def model_base(path: str) -> dict:
-    """{"model": path's model section}, read without verifying or loading the weights."""
-    return {"model": _read(path, verify=False)[CONFIG]["model"]}
+def model_base(init_from: str, resume: str | None, checkpoint_dir: str) -> dict:
+    """{"model": the fine-tune's model section}, read without verifying or loading any weights: the init
+    checkpoint's, or when resuming the run's own (its checkpoint.dir/config.yaml, or the checkpoint named by
+    --resume), so a fine-tune resumes after its init checkpoint has been moved or deleted."""
+    recorded = Path(checkpoint_dir) / CONFIG_FILE
+    if resume == "auto" and recorded.is_file():
+        with contextlib.suppress(OSError, yaml.YAMLError, TypeError, KeyError):
+            return {"model": dict(yaml.safe_load(recorded.read_text())["model"])}
+    if resume not in (None, "auto"):
+        return {"model": _read(resume, verify=False, key="--resume")[CONFIG]["model"]}
+    return {"model": _read(init_from, verify=False)[CONFIG]["model"]}
 
 
 def check_init(cfg: Config) -> tuple[Path, dict]:
