@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if not out.parent.is_dir():
             raise UserError(f"folder {out.parent} does not exist; create it or choose another --out")
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'model.pt'}")
         convert(args.checkpoint, out)
         print(f"wrote {out}")
         return 0

@@ -144,6 +144,15 @@ def test_every_loader_reads_a_file_or_a_sharded_folder(runs, tmp_path, capsys, l
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow  # its fixture trains twice, once under torchrun
+def test_converting_onto_a_folder_is_refused_in_one_line(runs, tmp_path, capsys):
+    code = convert_checkpoint.main(["--checkpoint", str(runs / "file/ckpt/step_0000004.pt"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --out {tmp_path} is a folder; name the file to write, e.g. --out " \
+                                f"{tmp_path / 'model.pt'}", err
+    assert list(tmp_path.iterdir()) == []
+
+
 def looks_like_a_checkpoint(runs: Path, tmp: Path, kind: str) -> Path:
     if kind == "metadata beside unrelated files":
         (tmp / "fake").mkdir()

@@ -61,10 +61,14 @@ def _write_failure(path: Path, e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+RESUME_ADVICE = "Free space or fix the folder, then continue with --resume auto"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], advice: str = RESUME_ADVICE) -> None:
     """Write a file atomically: temporary in the same folder, flush, fsync, rename.
 
-    Any failure leaves the previous file (if any) untouched and raises CheckpointError.
+    Any failure leaves the previous file (if any) untouched and raises CheckpointError ending in `advice`
+    (a training run's by default).
     """
     path = Path(path)
     tmp = None
@@ -79,15 +83,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"could not write {path}: {_write_failure(path, e)}; every file already in "
-                              f"{path.parent} is intact. Free space or fix the folder, then continue with "
-                              f"--resume auto") from None
+                              f"{path.parent} is intact. {advice}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+def save_checkpoint(state: dict, path: str | Path, advice: str = RESUME_ADVICE) -> None:
+    atomic_write(path, lambda f: torch.save(state, f), advice)
 
 
 def verify_crc(path: Path) -> None:

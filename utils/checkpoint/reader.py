@@ -38,7 +38,7 @@ def convert(source: str | Path, out_file: str | Path) -> None:
     a file that cannot resume training but is small and loads without DCP."""
     state = load_weights(source)
     state.pop(OPTIMIZER, None)
-    save_checkpoint(state, out_file)
+    save_checkpoint(state, out_file, advice="Free space or choose another --out, then run the conversion again")
 
 
 def load_model(path: str | Path, device: torch.device) -> GPT:
