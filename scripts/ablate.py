@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import mean
 
 from models.config_loader import load_config
-from utils.errors import ArgumentParser, UserError, one_line, run_cli
+from utils.errors import ArgumentParser, UserError, child_error, run_cli
 from utils.metrics.curves import read_metrics
 from utils.stats import paired_lower
 
@@ -42,8 +42,7 @@ def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]
            f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {one_line(why[0])}")
+        raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {child_error(proc)}")
     return read_metrics(tmp / "logs")
 
 

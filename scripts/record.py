@@ -40,7 +40,7 @@ import torch
 from models.config_loader import config_to_yaml, load_config
 from utils.metrics.curves import plot, read_metrics, read_nanogpt_log, read_runs
 from utils.device import device_name
-from utils.errors import ArgumentParser, UserError, one_line, run_cli
+from utils.errors import ArgumentParser, UserError, child_error, run_cli
 from utils.stats import paired_lower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +131,7 @@ def run_ours(name: str, config: str, overrides: list[str], seed: int, folder: Pa
                f"train.seed={seed}", f"logging.dir={folder.resolve()}", f"checkpoint.dir={tmp}"]
         proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
-            why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            raise UserError(f"run {name}, seed {seed} failed: {one_line(why[0])}")
+            raise UserError(f"run {name}, seed {seed} failed: {child_error(proc)}")
         last = {k: v for row in read_metrics(folder) for k, v in row.items()}
         # (step, seconds of training, loss) per evaluation, the seconds interpolated between logged steps
         curve = read_runs(str(folder))[0].val
@@ -145,8 +144,7 @@ def run_ours(name: str, config: str, overrides: list[str], seed: int, folder: Pa
                                    "--split", "test", "--device", device, "--json", str(out)],
                                   cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise UserError(f"run {name}, seed {seed}: the test split could not be evaluated: "
-                                f"{one_line((proc.stderr.strip().splitlines() or ['?'])[-1])}")
+                raise UserError(f"run {name}, seed {seed}: the test split could not be evaluated: {child_error(proc)}")
             result["test_bits_per_byte"] = json.loads(out.read_text())["bits_per_byte"]
     return result
 

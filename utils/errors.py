@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +56,12 @@ def _escape(c: str) -> str:
 def one_line(text: str) -> str:
     """A message stays one visible line even when it quotes user input holding line breaks or control bytes."""
     return "".join(map(_escape, text)) if not text.isprintable() else text
+
+
+def child_error(proc: subprocess.CompletedProcess) -> str:
+    """What a failed child process said last on stderr (its one error line), as one line; else its exit code."""
+    lines = (proc.stderr or "").strip().splitlines()
+    return one_line(lines[-1]) if lines else f"exit {proc.returncode}"
 
 
 def describe_os_error(e: OSError) -> str:
