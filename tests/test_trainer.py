@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from models.config_loader import load_config
 from utils.distributed.process_group import DistInfo
 from utils.metrics.logger import MetricsLogger
-from utils.train.optim import Muon, build_optimizer, lr_at, newton_schulz
+from utils.train.optim import Muon, build_optimizer, lr_at, newton_schulz, stacks
 from utils.train.run import build_trainer, load_data, resolve_run_precision
 from utils.train.health import TrainingDiverged
 from utils.train.trainer import Trainer
@@ -122,6 +122,18 @@ def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own(count, rows, cols, s
     together = newton_schulz(stack, dtype=torch.float32)
     for g, o in zip(stack, together):
         torch.testing.assert_close(o, newton_schulz(g, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+@given(shapes=st.lists(st.sampled_from([(8, 6), (6, 8), (3, 3), (40, 40)]), max_size=12), cap=st.integers(1, 5000))
+def test_stacks_hold_same_shaped_matrices_within_the_cap(shapes, cap):
+    """Every matrix in exactly one stack of its own shape, none over the cap unless it is alone: under FSDP a
+    rank gathers a whole stack at once, so the cap bounds that memory."""
+    sizes = [torch.Size(s) for s in shapes]
+    found = stacks(sizes, cap)
+    assert sorted(i for stack in found for i in stack) == list(range(len(shapes)))
+    for stack in found:
+        assert len({sizes[i] for i in stack}) == 1
+        assert len(stack) == 1 or len(stack) * sizes[stack[0]].numel() <= cap
 
 
 def muon_and_reference(muon_lr=0.05, adam_lr=0.01, wd=0.1, momentum=0.9, betas=(0.9, 0.99)):
