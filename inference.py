@@ -14,7 +14,6 @@ goes to stderr.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from utils.checkpoint.format import CONFIG, build_model
 from utils.checkpoint.reader import load_weights
 from utils.device import DEVICE_CHOICES, resolve_device
-from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
+from utils.errors import ArgumentParser, UserError, number, require_stdout, run_cli, utf8_text
 from utils.generation import TextStream, generate_text
 from utils.precision import DTYPES, sampling_precision
 from utils.text import to_bytes, unescape
@@ -30,30 +29,30 @@ from utils.text import to_bytes, unescape
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Sample from a trained byte-level GPT.")
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
+    p.add_argument("--checkpoint", type=utf8_text, default="checkpoints/best_model.pt")
     p.add_argument("--prompt", default=None, help="text to continue; '-' reads stdin")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1, help="generated together as one batch")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same device)")
+    p.add_argument("--prompt-file", type=utf8_text, default=None, help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=number(int, 0, 10**9, "tokens"), default=500)
+    p.add_argument("--temperature", type=number(float, 0, 1e6, "a temperature; 0 = greedy"), default=0.8,
+                   help="0 = greedy")
+    p.add_argument("--top-k", type=number(int, 1, 2**31 - 1, "tokens"), default=None)
+    p.add_argument("--top-p", type=number(float, 0, 1, "a probability", above=True), default=None)
+    p.add_argument("--num-samples", type=number(int, 1, 10**6, "samples"), default=1,
+                   help="generated together as one batch")
+    # a torch.Generator's seed is 64 bits
+    p.add_argument("--seed", type=number(int, 0, 2**64 - 1, "64 bits"), default=None,
+                   help="same seed, same text (on the same device)")
     p.add_argument("--stop", nargs="+", action="extend", default=[],
                    help="end a sample before any of these strings; backslash escapes like \\n work")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
     p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
                    help="default auto: the precision the checkpoint was trained in (fp32 for fp16 on a CPU)")
     args = p.parse_args(argv)
-    if not (0 <= args.temperature < math.inf) or args.max_new_tokens < 0 or args.num_samples < 1:
-        raise UserError(f"--temperature must be a finite number >= 0 (got {args.temperature}), --max-new-tokens "
-                        f">= 0 and --num-samples >= 1")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses NaN
-        raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 64:  # a torch.Generator's seed is 64 bits
-        raise UserError(f"--seed must be in [0, 2**64) (got {str(args.seed)[:40]})")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give the prompt once: --prompt or --prompt-file, not both")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError("--temperature 0 is greedy decoding, which --top-k and --top-p do not change; drop them, or "
+                        "give a temperature above 0 to sample")
     args.stop = [unescape(s) for s in args.stop]
     if "" in args.stop:
         raise UserError("--stop strings must not be empty")

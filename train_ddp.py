@@ -9,6 +9,9 @@
     torchrun --standalone --nproc_per_node=8 train_ddp.py distributed.strategy=fsdp       # FSDP2 (utils/distributed/parallel.py)
 
 Same loop, config, checkpoints and exit codes as train_single.py; train.batch_size is per process.
+A SIGTERM or Ctrl-C to torchrun makes the workers finish the step, save and exit 75, but torchrun SIGKILLs
+them 30 s later: give a large model's save more time with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 in torchrun's
+environment (or --shutdown-timeout=120; torch 2.12+, older torch keeps 30 s: signal the workers instead).
 """
 
 import sys

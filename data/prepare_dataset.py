@@ -18,16 +18,21 @@ The default corpus is the English reference text that ships inside every CPython
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import re
 import sys
 from pathlib import Path
 from typing import Iterable
 
-from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, check_shards,
-                         commit, read_manifest, remove_staged, split_off_tail)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
+from data.shards import (MANIFEST, MANIFEST_VERSION, SPLITS, DataError, ShardWriter, Stage, check_shards, commit,
+                         read_manifest, remove_dead_temporaries, split_off_tail)
 from data.sources import check_inputs, expand_inputs, joined_stream
-from utils.errors import ArgumentParser, run_cli
+from utils.errors import ArgumentParser, number, run_cli, utf8_text
+from utils.folder_lock import FolderLock
+from utils.outputs import check_output
 from utils.progress import progress
 from utils.text import to_bytes, unescape
 
@@ -77,22 +82,24 @@ def prepare(out: str | Path, chunks: Iterable[bytes], sources: list[str], val_fr
             reader: dict | None = None) -> tuple[dict, bool]:
     """Stream chunks into shards and write the manifest; returns (manifest, whether anything changed).
 
-    On any error every file this run staged is removed (and `out` too if this run created it).
+    The folder is claimed first (another preparation into it at once is refused); on any error every file
+    this run staged is removed (and `out` too if this run created it).
     """
     out = Path(out)
-    old = None
-    if (out / MANIFEST).is_file():
-        try:
-            old = read_manifest(out)
-        except DataError:
-            if append:
-                raise
-    base = old if append else None
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    lock, stage = FolderLock(out, "a dataset preparation"), Stage(out)
     try:
+        lock.acquire()
+        remove_dead_temporaries(out)
+        old = None
+        if (out / MANIFEST).is_file():
+            try:
+                old = read_manifest(out)
+            except DataError:
+                if append:
+                    raise
+        base = old if append else None
         next_index = {s: len(base["splits"][s]) if base else 0 for s in SPLITS}
-        staging = ShardWriter(out, "train", next_index["train"], shard_size)
+        staging = ShardWriter(stage, "train", next_index["train"], shard_size)
         n, has_text = 0, False
         for chunk in chunks:
             staging.write(chunk)
@@ -110,23 +117,22 @@ def prepare(out: str | Path, chunks: Iterable[bytes], sources: list[str], val_fr
                 "shard_size": shard_size, "reader": reader or {}}
         if old is not None and _already_done(out, old, part, append):
             return old, False
-        writers = {s: ShardWriter(out, s, next_index[s], shard_size) for s in ("val", "test")}
-        new = {"train": split_off_tail(out, staged, n_train, [(writers["val"], n_val), (writers["test"], n_test)]),
+        writers = {s: ShardWriter(stage, s, next_index[s], shard_size) for s in ("val", "test")}
+        new = {"train": split_off_tail(stage, staged, n_train, [(writers["val"], n_val), (writers["test"], n_test)]),
                "val": writers["val"].close(), "test": writers["test"].close()}
         part.update(train_bytes=n_train, val_bytes=n_val, test_bytes=n_test)
         parts = (base["parts"] if base else []) + [part]
         splits = {s: (base["splits"][s] if base else []) + new[s] for s in SPLITS}
         manifest = {"version": MANIFEST_VERSION, **{f"{s}_bytes": sum(e["bytes"] for e in splits[s]) for s in SPLITS},
                     "sources": [src for p in parts for src in p["sources"]], "splits": splits, "parts": parts}
-        commit(out, manifest, replaced=None if append else old)
+        commit(stage, manifest, [e for s in SPLITS for e in new[s]], replaced=None if append else old)
         return manifest, True
     except OSError as e:
         raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
     finally:
         if out.is_dir():
-            remove_staged(out)
-            if created and not any(out.iterdir()):
-                out.rmdir()
+            stage.remove()
+        lock.release()
 
 
 def parse_size(text: str) -> int:
@@ -138,28 +144,28 @@ def parse_size(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Prepare a byte-level dataset for training.")
-    p.add_argument("--input", nargs="+", default=None,
+    p.add_argument("--input", type=utf8_text, nargs="+", default=None,
                    help="files, folders or globs; .gz/.bz2/.xz, .jsonl, .parquet (default: the text shipped with CPython)")
-    p.add_argument("--out", default="data/default", help="output folder (default: data/default)")
+    p.add_argument("--out", type=utf8_text, default="data/default", help="output folder (default: data/default)")
     val, test = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
-    val.add_argument("--val-bytes", type=int, default=None, help="exact validation size in bytes")
-    test.add_argument("--test-fraction", type=float, default=0.0, help="fraction held out for testing (default 0)")
-    test.add_argument("--test-bytes", type=int, default=None, help="exact test size in bytes")
+    val.add_argument("--val-fraction", type=number(float, 0, 1, "a fraction of the input", above=True), default=0.1,
+                     help="fraction held out for validation (default 0.1)")
+    val.add_argument("--val-bytes", type=number(int, 2, 1 << 62, "bytes"), default=None,
+                     help="exact validation size in bytes")
+    test.add_argument("--test-fraction", type=number(float, 0, 1, "a fraction of the input"), default=0.0,
+                      help="fraction held out for testing (default 0)")
+    test.add_argument("--test-bytes", type=number(int, 2, 1 << 62, "bytes"), default=None,
+                      help="exact test size in bytes")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
     p.add_argument("--separator", default="\\n", help="between documents (default '\\n'; '\\n\\n', '' ...)")
     p.add_argument("--shard-size", default="1G", help="largest shard file (default 1G; K, M, G = 2^10, 2^20, 2^30)")
     p.add_argument("--append", action="store_true", help="add this input as new shards; old shards stay as they are")
-    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines when not on a "
-                   "terminal (default 5)")
+    p.add_argument("--progress-every", type=number(float, 0, 86400, "seconds"), default=5.0,
+                   help="seconds between progress lines when not on a terminal (default 5)")
     args = p.parse_args(argv)
-    if not 0.0 < args.val_fraction < 1.0 or not 0.0 <= args.test_fraction < 1.0 \
-            or args.val_fraction + args.test_fraction >= 1.0:
-        raise DataError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1 "
+    if args.val_fraction + args.test_fraction >= 1.0:
+        raise DataError(f"--val-fraction and --test-fraction must together be below 1, to leave training text "
                         f"(got {args.val_fraction} and {args.test_fraction})")
-    for name in ("val_bytes", "test_bytes"):
-        if getattr(args, name) is not None and getattr(args, name) < 2:
-            raise DataError(f"--{name.replace('_', '-')} must be at least 2 (got {getattr(args, name)})")
     return args
 
 
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         out, shard_size, separator = Path(args.out), parse_size(args.shard_size), to_bytes(unescape(args.separator))
         bar = None
         if args.input:
-            files = expand_inputs(args.input, exclude=out)
+            files = expand_inputs(args.input)
+            check_output(out, [*files, *(item for item in args.input if not glob.has_magic(item))])
             check_inputs(files)
             bar = progress(sum(f.stat().st_size for f in files), f"preparing {out.name}", unit="B",
                            interval=args.progress_every)

@@ -3,8 +3,9 @@
 <dir>/manifest.json lists, for each split (train, val, test), shard files <split>-NNNNN.bin (raw
 bytes as uint8, at most shard_size each) with their sizes and sha256, and every part (one per
 prepare or --append run) with its sources and settings. Shards are written under hidden
-temporary names, hashed as they are written, and renamed into place only once the whole run has
-succeeded; the manifest is replaced last.
+temporary names unique to their writer (`Stage`), hashed as they are written, and renamed into place
+only once the whole run has succeeded and every one is checked; the manifest is replaced last. The
+writer holds the folder (utils/folder_lock.py) from before it reads the old manifest to the end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -27,12 +29,22 @@ class DataError(UserError):
     """The input cannot be turned into a dataset, or a dataset does not match its manifest."""
 
 
-def staged_path(out: Path, name: str) -> Path:
-    return out / f".{name}.tmp"
+class Stage:
+    """One writer's temporaries in a dataset folder: named .NAME.TAG.tmp with a tag of its own, removed only by it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.tag = out, secrets.token_hex(6)
+
+    def path(self, name: str) -> Path:
+        return self.out / f".{name}.{self.tag}.tmp"
+
+    def remove(self) -> None:
+        for path in self.out.glob(f".*.{self.tag}.tmp"):
+            path.unlink(missing_ok=True)
 
 
-def remove_staged(out: Path) -> None:
-    """Delete the temporaries of a run that did not complete."""
+def remove_dead_temporaries(out: Path) -> None:
+    """Temporaries of writers killed mid-run; only for the holder of the folder's claim, which rules out a live one."""
     for path in out.glob(".*.tmp"):
         path.unlink(missing_ok=True)
 
@@ -40,8 +52,8 @@ def remove_staged(out: Path) -> None:
 class ShardWriter:
     """One split's bytes -> staged shards of at most shard_size bytes, each hashed as it is written."""
 
-    def __init__(self, out: Path, split: str, first_index: int, shard_size: int) -> None:
-        self.out, self.split, self.index, self.shard_size = out, split, first_index, shard_size
+    def __init__(self, stage: Stage, split: str, first_index: int, shard_size: int) -> None:
+        self.stage, self.split, self.index, self.shard_size = stage, split, first_index, shard_size
         self.shards: list[dict] = []  # {"file", "bytes", "sha256"} of every closed shard
         self._file: BinaryIO | None = None
 
@@ -50,7 +62,7 @@ class ShardWriter:
         while view:
             if self._file is None:
                 self._name = f"{self.split}-{self.index:05d}.bin"
-                self._file, self._hash, self._size = open(staged_path(self.out, self._name), "wb"), hashlib.sha256(), 0
+                self._file, self._hash, self._size = open(self.stage.path(self._name), "wb"), hashlib.sha256(), 0
                 self.index += 1
             piece = view[: self.shard_size - self._size]
             self._file.write(piece)
@@ -97,12 +109,12 @@ class _Sequence:
             data = data[len(piece):]
 
 
-def split_off_tail(out: Path, staged: list[dict], keep: int, sinks: list[tuple[ShardWriter, int]]) -> list[dict]:
+def split_off_tail(stage: Stage, staged: list[dict], keep: int, sinks: list[tuple[ShardWriter, int]]) -> list[dict]:
     """Keep the first `keep` bytes of the staged shards and stream the rest, in order, into the sinks
     (writer, byte count). Besides the tail, only the shard holding the cut is read again (re-hashed)."""
     kept, start, tail = [], 0, _Sequence(sinks)
     for entry in staged:
-        path, end = staged_path(out, entry["file"]), start + entry["bytes"]
+        path, end = stage.path(entry["file"]), start + entry["bytes"]
         if end <= keep:
             kept.append(entry)
         else:
@@ -190,14 +202,24 @@ def verify_dataset(data_dir: str | Path, sha256: bool = False) -> dict:
     return manifest
 
 
-def commit(out: Path, manifest: dict, replaced: dict | None) -> None:
+def commit(stage: Stage, manifest: dict, staged: list[dict], replaced: dict | None) -> None:
     """Move this run's staged shards into place, then replace the manifest; with `replaced` (the
-    manifest this one supersedes) its shards that are no longer listed are deleted."""
+    manifest this one supersedes) its shards that are no longer listed are deleted. Refuses, before
+    anything moves, when a staged shard is not there whole or a listed shard already in place is missing."""
+    out = stage.out
+    new = {e["file"] for e in staged}
+    for entry in staged:
+        path = stage.path(entry["file"])
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise DataError(f"{path} vanished or changed while this run wrote it (another process writing into "
+                            f"{out}?); nothing was committed, the dataset is as it was")
     listed = {e["file"] for split in SPLITS for e in manifest["splits"][split]}
-    for name in listed:
-        if staged_path(out, name).exists():
-            os.replace(staged_path(out, name), out / name)
-    tmp = staged_path(out, MANIFEST)
+    missing = sorted(name for name in listed - new if not (out / name).is_file())
+    if missing:
+        raise DataError(f"{out / missing[0]} is listed but missing; nothing was committed, the dataset is as it was")
+    for name in new:
+        os.replace(stage.path(name), out / name)
+    tmp = stage.path(MANIFEST)
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, indent=2) + "\n")
         f.flush()

@@ -26,9 +26,8 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
 Progress = Callable[[int], None]  # called with the number of input bytes consumed since the last call
 
 
-def expand_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]:
-    """Files, folders (every file below, sorted) and globs, in the order given; files inside
-    `exclude` (the output folder) are skipped so a run never reads its own output."""
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (every file below, sorted) and globs, in the order given."""
     files: list[Path] = []
     for item in inputs:
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
@@ -41,9 +40,6 @@ def expand_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]:
                 files.append(match)
             else:
                 raise DataError(f"--input '{match}' does not exist")
-    if exclude is not None:
-        out = exclude.resolve()
-        files = [f for f in files if out not in f.resolve().parents]
     return files
 
 

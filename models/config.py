@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.config_checks import check, non_negative, one_of, positive
+from models.config_checks import check, exactly_one, non_negative, one_of, positive
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """micro-steps per optimizer step; global batch = batch_size * grad_accum_steps * world_size"""
     max_steps: int = 5000
-    """optimizer steps the run (and its LR schedule) is planned for"""
+    """optimizer steps the run (and its LR schedule) is planned for; 0 when train.epochs plans it"""
+    epochs: int = 0
+    """passes over the training split the run (and its LR schedule) is planned for instead of max_steps, turned
+    into steps once the split's size is known; 0 = max_steps plans it (setting one clears the other)"""
     stop_at_step: int = 0
     """end after this optimizer step as a preemption does (checkpoint, clean exit); 0 = off"""
     seed: int = 1337
@@ -108,8 +111,9 @@ class TrainConfig:
     """fine-tune: a checkpoint (file or folder) whose weights and model section a new run starts from, at step 0"""
 
     def __post_init__(self) -> None:
-        positive("train", self, "batch_size", "grad_accum_steps", "max_steps", "log_every")
-        non_negative("train", self, "stop_at_step", "grad_clip")
+        positive("train", self, "batch_size", "grad_accum_steps", "log_every")
+        non_negative("train", self, "max_steps", "epochs", "stop_at_step", "grad_clip")
+        exactly_one("train", self, "max_steps", "epochs", "the run's length")
         check(0 <= self.seed < 2 ** 31, f"train.seed must be in [0, 2**31) (got {self.seed})")
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
@@ -214,6 +218,11 @@ class DistributedConfig:
     """ddp (every rank holds all weights, gradients and optimizer state) or fsdp (FSDP2: each rank
     holds 1/world_size of them; sharded checkpoint folders)"""
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the weights, gradients and optimizer state are split over the ranks (the one place that asks)."""
+        return self.strategy == "fsdp"
+
     def __post_init__(self) -> None:
         one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
         one_of("distributed.strategy", self.strategy, ("ddp", "fsdp"))
@@ -295,6 +304,6 @@ class Config:
     def __post_init__(self) -> None:
         check(self.schedule.min_lr <= self.optim.lr,
                f"schedule.min_lr={self.schedule.min_lr} must not exceed optim.lr={self.optim.lr}")
-        check(self.distributed.strategy != "fsdp" or self.train.precision != "fp16",
+        check(not self.distributed.sharded or self.train.precision != "fp16",
                "distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded GradScaler); "
                "use train.precision=bf16 or fp32")

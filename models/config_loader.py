@@ -3,7 +3,9 @@ type, built once (so validation sees the final values); and back to a dict or YA
 and checkpoints. The command line is utils/train/cli.py.
 
 Keys that moved when `train` was split into sections still work: MOVED maps each old name to its
-new one, in files and on the command line alike.
+new one, in files and on the command line alike. An unknown key is answered with the key the user meant:
+ours of the same name in another section, the name other trainers give it (ELSEWHERE), why there is none
+(NOT_HERE), or the closest spelling.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import yaml
 
 from models.config import Config
 from models.config_checks import ConfigError
-from utils.text import encoding_problem
+from utils.text import encoding_problem, undecodable
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+RAW_TEXT = {"eval.sample_prompt"}  # text the model reads as bytes: any bytes typed are meant (utils/text.py to_bytes)
 
 # old key -> new key (the old `train` section held optimizer, schedule, eval and checkpoint cadence)
 MOVED = {
@@ -37,14 +40,60 @@ MOVED = {
 }
 
 
+# what users of other trainers (nanoGPT, Hugging Face's Trainer, the seed's README) call a key, by its last name
+ELSEWHERE = {
+    "learning_rate": "optim.lr", "max_iters": "train.max_steps", "num_epochs": "train.epochs",
+    "max_epochs": "train.epochs", "eval_interval": "eval.every", "eval_steps": "eval.every",
+    "eval_iters": "eval.max_bytes", "log_interval": "train.log_every", "logging_steps": "train.log_every",
+    "save_interval": "checkpoint.every", "save_steps": "checkpoint.every", "checkpoint_every": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep_last", "warmup_iters": "schedule.warmup_steps",
+    "lr_decay_iters": "train.max_steps", "gradient_accumulation_steps": "train.grad_accum_steps",
+    "block_size": "model.context_length", "n_embd": "model.dim", "out_dir": "checkpoint.dir",
+    "output_dir": "checkpoint.dir", "dtype": "train.precision", "mixed_precision": "train.precision",
+    "gradient_checkpointing": "train.activation_checkpointing", "max_grad_norm": "train.grad_clip",
+    "wandb_log": "logging.wandb", "wandb_run_name": "logging.wandb_name",
+}
+# names other trainers have that nothing here needs, and why
+NOT_HERE = {
+    "num_workers": "no loader workers to set: each batch is a few windows read from the memory-mapped shards "
+                   "in the training process itself, as nanoGPT does",
+    "pin_memory": "nothing to set: on CUDA each batch already travels from pinned memory, asynchronously",
+    "device": "the device is not a config key: pass --device (auto, cpu, cuda, cuda:N or mps)",
+    "resume": "resuming is not a config key: pass --resume PATH or --resume auto",
+}
+
+
 def valid_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
+def _named(name: str) -> list[str]:
+    """Our keys of this (last) name, moved ones by their new name; else the key another trainer's name means."""
+    ours = sorted({MOVED.get(k, k) for k in valid_keys() + list(MOVED) if k.rpartition(".")[2] == name})
+    return ours or ([ELSEWHERE[name]] if name in ELSEWHERE else [])
+
+
 def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys() + list(MOVED), n=1, cutoff=0.5)
-    hint = f" (did you mean '{MOVED.get(close[0], close[0])}'?)" if close else " (list them with --print-config)"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    """The error for a key we do not have, with the key the user most likely meant."""
+    name = key.rpartition(".")[2]
+    if meant := _named(name):
+        hint = f"did you mean {' or '.join(map(repr, meant))}?"
+    elif name in NOT_HERE:
+        hint = NOT_HERE[name]
+    elif close := difflib.get_close_matches(key, valid_keys() + list(MOVED), n=1, cutoff=0.5):
+        hint = f"did you mean {MOVED.get(close[0], close[0])!r}?"
+    else:
+        hint = "list them with --print-config"
+    return ConfigError(f"unknown config key {key!r} ({hint})")
+
+
+def _one_length(flat: dict[str, Any]) -> dict[str, Any]:
+    """A source (the file, the command line) that plans the run by train.max_steps or by train.epochs
+    clears the other from the sources beneath it; one that gives both is refused by TrainConfig's check."""
+    for key, other in (("train.max_steps", "train.epochs"), ("train.epochs", "train.max_steps")):
+        if other not in flat and str(flat.get(key, 0)).strip() != "0":
+            flat[other] = 0
+    return flat
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -74,6 +123,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is str:
         text = str(value)
         problem = "it holds a NUL byte" if "\0" in text else encoding_problem(text)
+        if not problem and key not in RAW_TEXT and (problem := undecodable(text)):  # TensorBoard, torch.save and
+            problem += "; paths and names must be UTF-8 text"  # W&B encode them strictly, after the run has written
         if problem:
             raise ConfigError(f"{key} cannot be used: {problem} (got {text!r:.60})")
         return text
@@ -93,7 +144,7 @@ def _flatten(raw: Any, source: str) -> dict[str, Any]:
         for name, value in values.items():
             key = f"{section}.{name}"
             flat[MOVED.get(key, key)] = value
-    return flat
+    return _one_length(flat)
 
 
 def _build(flat: dict[str, Any]) -> Config:
@@ -154,15 +205,18 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     flat = _flatten(read_yaml(path), str(path)) if path is not None else {}
     _build(flat)  # the file's own keys and values are checked before overrides are applied
     flat = {**_flatten(base or {}, "the base config"), **flat}
+    given = {}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=50)")
+            meant = " or ".join(f"{k}={value}" for k in _named(key)) if eq else ""
+            raise ConfigError(f"override {item!r} must look like section.key=value "
+                              f"({f'did you mean {meant}?' if meant else 'e.g. train.max_steps=50'})")
         key = MOVED.get(key, key)
         if key not in valid_keys():
             raise _unknown(key)
-        flat[key] = value  # a string; _coerce converts it strictly
-    return _build(flat)
+        given[key] = value  # a string; _coerce converts it strictly
+    return _build({**flat, **_one_length(given)})
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -28,22 +28,24 @@ import subprocess
 import sys
 import tempfile
 import time
-
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, synchronize
 from utils.distributed.process_group import DistInfo, gather_object, process_group
-from utils.errors import ArgumentParser, require_stdout, run_cli
+from utils.errors import ArgumentParser, number, require_stdout, run_cli, utf8_text
 from utils.metrics.flops import model_flops_utilization, peak_flops
 from utils.metrics.logger import MetricsLogger
 from utils.distributed.parallel import compiled_as, parallelize
 from utils.precision import Precision
 from utils.progress import progress
-from utils.train.run import build_trainer, load_data, resolve_run_precision
+from utils.train.run import agree_precision, build_trainer, load_data, resolved
 
 FLOPS_BASIS = "6N + 12*L*d*T per token (PaLM appendix B / nanoGPT; N without position embeddings)"
 COMPARE = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
@@ -148,7 +150,8 @@ def print_result(result: dict) -> None:
 
 def single(cfg: Config, args: argparse.Namespace) -> int:
     with process_group(cfg.distributed, args.device) as info:
-        cfg, precision = resolve_run_precision(cfg, info, None)
+        precision = agree_precision(cfg, info, None)
+        cfg = resolved(cfg, precision, steps_per_epoch=0)  # a benchmark plans by train.max_steps
         if info.is_main:
             print(f"precision {precision.name}: {precision.reason}", flush=True)
         result = measure(cfg, precision, info, args.steps, args.warmup)
@@ -210,13 +213,17 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Benchmark the training step.",
                                      epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--config", type=utf8_text, default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3)")
+    parser.add_argument("--steps", type=number(int, 1, 10**6, "optimizer steps"), default=20,
+                        help="timed optimizer steps (default 20)")
+    parser.add_argument("--warmup", type=number(int, 0, 10**6, "optimizer steps"), default=3,
+                        help="untimed optimizer steps first (default 3)")
     parser.add_argument("--compare", action="store_true", help="fp32/bf16 x eager/compiled side by side")
-    parser.add_argument("--rounds", type=int, default=1, help="--compare: alternate the cases this many times")
-    parser.add_argument("--baseline-tokens-per-sec", type=float, default=None,
+    parser.add_argument("--rounds", type=number(int, 1, 10**4, "rounds"), default=None,
+                        help="--compare: alternate the cases this many times (default 1)")
+    parser.add_argument("--baseline-tokens-per-sec", type=number(float, 0, 1e15, "tokens/s", above=True),
+                        default=None,
                         help="one process's tokens/s, for the scaling efficiency under torchrun")
 
     def body() -> int:
@@ -225,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         for item in overrides:
             if item.startswith("-"):
                 parser.error(f"unrecognized argument: {item}")
-        if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-            raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
+        if args.compare and args.baseline_tokens_per_sec is not None:
+            raise ConfigError("--baseline-tokens-per-sec rates a run under torchrun, which --compare is not; give one")
+        if args.rounds is not None and not args.compare:
+            raise ConfigError("--rounds alternates the cases of --compare; add --compare, or drop --rounds")
         cfg = load_config(args.config, overrides)
         if args.compare:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ConfigError("--compare starts its own processes; run it without torchrun")
+            args.rounds = args.rounds or 1
             return compare(args, overrides)
         return single(cfg, args)
 

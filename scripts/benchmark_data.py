@@ -32,9 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from data.prepare_dataset import parse_size
 from utils.device import device_name
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
 
 WORDS = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
          "you were all her she there would their we him been has when who will no more if out so said what up its "
@@ -182,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         p = ArgumentParser(description="Benchmark data preparation and training start-up.")
         p.add_argument("--size", default="4G", help="synthetic corpus size (default 4G; K, M, G = 2^10, 2^20, 2^30)")
-        p.add_argument("--work", default=None, help="scratch folder, deleted afterwards (default: a temporary one)")
-        p.add_argument("--startup-runs", type=int, default=3, help="start-up runs per dataset (median kept)")
+        p.add_argument("--work", type=utf8_text, default=None,
+                       help="scratch folder, deleted afterwards (default: a temporary one)")
+        p.add_argument("--startup-runs", type=number(int, 1, 1000, "runs"), default=3,
+                       help="start-up runs per dataset (median kept)")
         args = p.parse_args(argv)
         size = parse_size(args.size)
         work = Path(args.work or tempfile.mkdtemp(prefix="bytegpt-bench-data-"))

@@ -13,18 +13,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils.errors import ArgumentParser, UserError, run_cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
+from utils.errors import ArgumentParser, UserError, run_cli, utf8_text
 from utils.checkpoint.reader import convert
+from utils.outputs import check_output
 
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Convert a sharded (DCP) checkpoint folder to one .pt file.")
-    p.add_argument("--checkpoint", required=True, help="a step_NNNNNNN (or best_model) folder, or a .pt file")
-    p.add_argument("--out", required=True, help="the .pt file to write (replaced atomically)")
+    p.add_argument("--checkpoint", type=utf8_text, required=True,
+                   help="a step_NNNNNNN (or best_model) folder, or a .pt file")
+    p.add_argument("--out", type=utf8_text, required=True, help="the .pt file to write (replaced atomically)")
 
     def body() -> int:
         args = p.parse_args(argv)
         out = Path(args.out)
+        check_output(out, [args.checkpoint])
         if not out.parent.is_dir():
             raise UserError(f"folder {out.parent} does not exist; create it or choose another --out")
         if out.is_dir():

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from data.dataset import load_split
 from models.config import DistributedConfig
 from utils.checkpoint.format import CONFIG, build_model
 from utils.checkpoint.reader import load_weights
 from utils.distributed.process_group import process_group
-from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
+from utils.errors import ArgumentParser, UserError, number, require_stdout, run_cli, utf8_text
+from utils.outputs import check_output
 from utils.train.validation import evaluate
 from utils.device import DEVICE_CHOICES
 from utils.precision import DTYPES, autocast_context, sampling_precision
@@ -33,21 +36,25 @@ from utils.precision import DTYPES, autocast_context, sampling_precision
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Evaluate a checkpoint: loss, perplexity, bits per byte.")
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
+    p.add_argument("--checkpoint", type=utf8_text, default="checkpoints/best_model.pt")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--split", choices=["train", "val", "test"], default="val",
                         help="a split of the prepared dataset (test: only if prepared with --test-fraction/--test-bytes)")
-    source.add_argument("--text-file", default=None, help="any file, read as raw bytes")
-    p.add_argument("--data-dir", default=None, help="dataset folder for --split (default: the checkpoint's data.dir)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (per process)")
-    p.add_argument("--max-bytes", type=int, default=0, help="evaluate only this many leading bytes; 0 = all")
+    source.add_argument("--text-file", type=utf8_text, default=None, help="any file, read as raw bytes")
+    p.add_argument("--data-dir", type=utf8_text, default=None,
+                   help="dataset folder for --split (default: the checkpoint's data.dir)")
+    p.add_argument("--batch-size", type=number(int, 1, 10**6, "windows"), default=8,
+                   help="windows per forward pass (per process)")
+    p.add_argument("--max-bytes", type=number(int, 0, 1 << 62, "bytes"), default=0,
+                   help="evaluate only this many leading bytes; 0 = all")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
     p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
                    help="autocast as in training (default auto: the checkpoint's own, fp32 for fp16 on a CPU)")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--json", type=utf8_text, default=None, metavar="OUT",
+                   help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_bytes < 0:
-        raise UserError("--batch-size must be >= 1 and --max-bytes >= 0")
+    if args.text_file is not None and args.data_dir is not None:
+        raise UserError("--data-dir names the dataset of --split, and --text-file replaces it; give one of them")
     return args
 
 
@@ -75,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         require_stdout("the results")
         with process_group(DistributedConfig(), args.device) as info:
             state = load_weights(args.checkpoint)
+            if args.json:
+                inputs = [args.checkpoint, args.text_file, args.data_dir or state[CONFIG]["data"]["dir"]]
+                check_output(args.json, inputs, "--json")
             data, source = read_data(args, state[CONFIG]["data"]["dir"])
             model = build_model(state, args.checkpoint, info.device)
             precision = sampling_precision(args.precision, state[CONFIG]["train"].get("precision"), info.device)

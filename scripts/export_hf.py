@@ -27,9 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from utils.checkpoint.reader import load_model
 from models.config import ModelConfig
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, run_cli, utf8_text
+from utils.outputs import check_output
 from models.transformer import GPT
 from utils.progress import progress
 from utils.device import DEVICE_CHOICES, resolve_device
@@ -236,12 +239,13 @@ def export(checkpoint: str | Path, out: Path, rtol: float = 1e-4, device: torch.
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Export a checkpoint as a Hugging Face transformers model folder.")
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pt")
-    p.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    p.add_argument("--checkpoint", type=utf8_text, default="checkpoints/best_model.pt")
+    p.add_argument("--out", type=utf8_text, required=True, help="folder to create (must not exist, or be empty)")
     p.add_argument("--device", default="auto", help=f"where the logit check runs: {DEVICE_CHOICES} (default auto)")
 
     def body() -> int:
         args = p.parse_args(argv)
+        check_output(args.out, [args.checkpoint])
         name = export(args.checkpoint, Path(args.out), device=resolve_device(args.device))
         print(f"wrote {args.out} ({name}); load it with transformers.AutoModelForCausalLM.from_pretrained")
         return 0

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU acceptance run, one command on one CUDA GPU; prints one table (docs/benchmarks.md takes it as is):
 #   bash scripts/gpu_check.sh
-# Each check reads ok, FAILED with its line, skipped (with why) or timed out: the data, every test of
+# Each check reads ok, FAILED with its line, skipped (with why), not run, or cut by the budget (stopped early
+# because the whole run's time was spent, not because it failed): the data, every test of
 # tests/test_cuda.py (bf16 and fp16 training, fp16's GradScaler through forced non-finite steps on two ranks,
-# compile, torchrun on NCCL with one rank, DDP and FSDP with CUDA tensors as 2 processes sharing the GPU
-# over gloo, a bit-exact resume, KV-cache sampling against the CPU, evaluation, export), then tokens/s, MFU
-# and peak memory of the default and GPT-2-small configs in bf16, eager and compiled. NCCL with more than
-# one rank needs a GPU per rank and is not covered on one GPU (the table says so).
+# compile, a real one-rank NCCL group under torchrun, DDP and FSDP with CUDA tensors as 2 processes sharing
+# the GPU over gloo, a bit-exact resume, KV-cache sampling against the CPU, evaluation, export), then
+# tokens/s, MFU and peak memory of the default and GPT-2-small configs in bf16, eager and compiled. NCCL
+# between ranks needs a GPU per rank and is not covered on one GPU (the table's footer says what is not).
 #
 # Time budget on one H100/H200 with a cold compile cache (expected, then the step's timeout):
 #   data      data/default prepared if missing (a few MB of text)                 10 s /  60 s
@@ -14,28 +15,29 @@
 #             + ~40 s of inductor for test_compile_on_gpu + a few s of training  190 s / 240 s
 #   bench     default 32x512 bf16, eager: start + 3 + 10 steps                    20 s /  60 s
 #   bench     default 32x512 bf16, compiled: + inductor, 6 blocks                 70 s / 100 s
-#   plan      scripts/plan_check: the planner's peak against max_memory_allocated,
+#   plan      dev/plan_check.py: the planner's peak against max_memory_allocated,
 #             default 16x512 bf16 and a tiny baseline, eager                       30 s /  60 s
 #   bench     GPT-2 small 16x1024 bf16, eager                                     25 s /  60 s
 #   bench     GPT-2 small 16x1024 bf16, compiled: + inductor, 12 blocks          100 s / 130 s
 #   total                                                                        445 s
-# The whole run stops at 470 s whatever happens: a step gets at most the time left and one with none left
-# reads "not run", so the script ends inside 8 minutes even if every step hangs. nanoGPT's side by side
-# (python -m scripts.vs_nanogpt --compiled) is outside this budget; run it on its own, and so is the 1-GPU
-# record track's first minutes, with its tokens/s and MFU: bash scripts/gpu_track.sh configs/enwik8_1gpu.yaml 180
+# The whole run stops at 470 s whatever happens: a step gets at most the time left (killed at that point it
+# reads "cut by the budget") and one with none left reads "not run", so the script ends inside 8 minutes even
+# if every step hangs. nanoGPT's side by side
+# (python -m dev.vs_nanogpt --compiled) is outside this budget; run it on its own, and so is the 1-GPU
+# record track's first minutes, with its tokens/s and MFU: bash dev/gpu_track.sh configs/enwik8_1gpu.yaml 180
 #
 # Without a CUDA device it says so and prints the table of skips (the tests collected and skipped), exit 0.
-# Exit status: 1 when a check failed or timed out, else 0 (skipped and not-run are not failures).
+# Exit status: 1 when a check failed or timed out, else 0 (skipped, not run and cut by the budget are not failures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever is installed
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 DEADLINE=$((SECONDS + 470))
 
-step() {  # id, timeout in seconds, command...: output in $out/<id>.log, "<exit code> <seconds> <limit>" in $out/<id>.rc
-    local id=$1 limit=$2 left=$((DEADLINE - SECONDS)) t0=$SECONDS
+step() {  # id, timeout in seconds, command...: output in $out/<id>.log,
+          # "<exit code> <seconds> <limit> <its own timeout>" in $out/<id>.rc (limit < its own: cut to the time left)
+    local id=$1 limit=$2 asked=$2 left=$((DEADLINE - SECONDS)) t0=$SECONDS
     shift 2
     if (( left < 10 )); then
         echo "not-run 0 $limit" > "$out/$id.rc"
@@ -44,7 +46,7 @@ step() {  # id, timeout in seconds, command...: output in $out/<id>.log, "<exit 
     (( limit > left )) && limit=$left
     echo "gpu_check: $id (at most $limit s)" >&2
     timeout --kill-after=10 "$limit" "$@" > "$out/$id.log" 2>&1
-    echo "$? $((SECONDS - t0)) $limit" > "$out/$id.rc"
+    echo "$? $((SECONDS - t0)) $limit $asked" > "$out/$id.rc"
 }
 
 # -n 0: one process (pytest.ini asks for xdist workers), so the CUDA tests never share the GPU among workers
@@ -70,7 +72,7 @@ D=(--config configs/default_config.yaml train.batch_size=32 train.precision=bf16
 G=(--config configs/gpt2_small.yaml train.precision=bf16)
 bench bench_default 60 "${D[@]}"
 bench bench_default_compiled 100 "${D[@]}" train.compile=true
-step plan 60 "$PYTHON" -m scripts.plan_check --device cuda --config configs/default_config.yaml train.batch_size=16 \
+step plan 60 "$PYTHON" -m dev.plan_check --device cuda --config configs/default_config.yaml train.batch_size=16 \
     train.precision=bf16
 bench bench_gpt2 60 "${G[@]}" train.compile=false
 bench bench_gpt2_compiled 130 "${G[@]}" train.compile=true

@@ -1,13 +1,15 @@
 """The table scripts/gpu_check.sh prints: one row per check (ok, FAILED with its line, skipped, timed out,
-not run) and one per benchmark case (tokens/s, MFU, peak memory), read from the folder the script filled.
+not run, cut by the budget) and one per benchmark case (tokens/s, MFU, peak memory), read from the folder
+the script filled.
 
     python -m scripts.gpu_check_report OUT_DIR                 # after a run on a GPU
     python -m scripts.gpu_check_report OUT_DIR --skip REASON   # no GPU: every GPU step reads skipped
 
-The folder holds, per step ID, ID.log (its output) and ID.rc ("<exit code> <seconds> <limit>", or
-"not-run 0 <limit>" when the run's time was spent). A step killed by its timeout (exit 124 or 137), or
-output that is not what it should be, is a row of the table, never a crash of the report. Exit status: 1
-if any check failed or timed out, else 0 (skipped and not-run rows are not failures).
+The folder holds, per step ID, ID.log (its output) and ID.rc ("<exit code> <seconds> <limit> <its own
+timeout>", or "not-run 0 <limit>" when the run's time was spent). A step killed by its timeout (exit 124 or
+137), or output that is not what it should be, is a row of the table, never a crash of the report; killed
+at a limit below its own timeout (the time the run had left), it is cut by the budget, not failed. Exit
+status: 1 if any check failed or timed out, else 0 (skipped, not-run and cut rows are not failures).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from utils.errors import ArgumentParser, UserError, require_stdout, run_cli
 
 # (step id, what it measures), in the order gpu_check.sh runs them
 BENCHMARKS = [("bench_default", "default 32x512, bf16"), ("bench_default_compiled", "default 32x512, bf16, compiled"),
               ("bench_gpt2", "GPT-2 small 16x1024, bf16"), ("bench_gpt2_compiled", "GPT-2 small 16x1024, bf16, compiled")]
 TIMED_OUT = ("124", "137")  # timeout(1)'s exit code, and SIGKILL's after --kill-after
+CUT = "cut by the budget"  # killed when the whole run's time ran out, before its own timeout
 PYTEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
 
 
@@ -33,19 +38,25 @@ PYTEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|
 class Step:
     code: str  # the exit code, "not-run", or "missing" when the step left no record
     seconds: int
-    limit: int
+    limit: int  # the timeout it ran under: its own, or less when the run had less time left
     log: str
+    asked: int = 0  # its own timeout (0: as limit)
 
     @property
     def timed_out(self) -> bool:
         return self.code in TIMED_OUT
 
+    @property
+    def cut(self) -> bool:
+        """Killed at the run's deadline before its own timeout: out of time, not failed."""
+        return self.timed_out and self.limit < self.asked
+
 
 def read_step(out: Path, step_id: str) -> Step:
     try:
-        code, seconds, limit = (out / f"{step_id}.rc").read_text().split()
+        code, seconds, limit, *asked = (out / f"{step_id}.rc").read_text().split()
         log = (out / f"{step_id}.log").read_text(errors="replace") if (out / f"{step_id}.log").exists() else ""
-        return Step(code, int(seconds), int(limit), log)
+        return Step(code, int(seconds), int(limit), log, int(asked[0]) if asked else int(limit))
     except (OSError, ValueError):
         return Step("missing", 0, 0, "")
 
@@ -61,6 +72,8 @@ def step_row(name: str, step: Step) -> tuple[str, str, str]:
         return name, "ok", f"{step.seconds} s"
     if step.code == "not-run":
         return name, "not run", "no time left in the 8-minute budget"
+    if step.cut:
+        return name, CUT, f"stopped at {step.limit} s of its {step.asked} s: {last_line(step.log)}"
     if step.timed_out:
         return name, "FAILED", f"timed out after {step.limit} s: {last_line(step.log)}"
     return name, "FAILED", f"exit {step.code}: {last_line(step.log)}"
@@ -98,9 +111,12 @@ def cuda_test_rows(step: Step, xml: Path) -> list[tuple[str, str, str]]:
                 rows.append((name, {"PASSED": "ok", "SKIPPED": "skipped"}.get(match.group(2), "FAILED"), ""))
             elif line.startswith("tests/") and "::" in line:
                 running = line.split()[0].split("::", 1)[1]
-        if step.timed_out:
+        if step.cut:
+            rows.append((running or "tests/test_cuda.py", CUT,
+                         f"stopped at {step.limit} s of the tests' {step.asked} s"))
+        elif step.timed_out:
             rows.append((running or "tests/test_cuda.py", "FAILED", f"timed out (the tests' {step.limit} s were spent)"))
-    if step.code not in ("0", "5") and not any(status == "FAILED" for _, status, _ in rows):
+    if step.code not in ("0", "5") and not any(status in ("FAILED", CUT) for _, status, _ in rows):
         rows.append(step_row("tests/test_cuda.py", step))  # pytest itself failed (collection, import) or not run
     return rows
 
@@ -135,11 +151,11 @@ def benchmark_rows(out: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
 
 
 PLAN = "planner: predicted vs measured peak, default 16x512 bf16"
-PLAN_TOLERANCE = 0.15  # the planner's promise (README, "Plan a run before it starts")
+PLAN_TOLERANCE = 0.15  # the planner's promise (docs/planning.md)
 
 
 def plan_row(step: Step) -> tuple[str, str, str]:
-    """scripts/plan_check's JSON line: ok when the predicted peak is within the tolerance of the measured."""
+    """dev/plan_check.py's JSON line: ok when the predicted peak is within the tolerance of the measured."""
     if step.code != "0":
         return step_row(PLAN, step)
     try:
@@ -170,14 +186,17 @@ def report(out: Path, skip: str | None) -> int:
     print("| check | result | detail |\n|---|---|---|")
     for name, status, detail in checks:
         print(f"| {name} | {status} | {detail} |")
-    print("\nNot covered on one GPU: NCCL with more than one rank (it needs a GPU per rank); DDP and FSDP with "
-          "CUDA tensors run as 2 processes sharing the GPU over gloo.")
+    print("\nNot covered on one GPU: NCCL between ranks (the NCCL row is a group of one: NCCL starts and all-reduces "
+          "on this GPU alone; DDP's and FSDP's NCCL collectives, their speed and a dead NCCL peer need a GPU per "
+          "rank); DDP and FSDP with CUDA tensors ran as 2 processes sharing the GPU over gloo; several nodes.")
     if speed:
         print("\n| case | precision | compile | ms/step | tokens/s | MFU (datasheet peak) | peak memory MiB |")
         print("|---|---|---|---:|---:|---:|---:|")
         print("\n".join(speed))
     failed = [name for name, status, _ in checks if status == "FAILED"]
-    verdict = f"FAILED: {', '.join(failed)}" if failed else "nothing ran on a GPU" if skip else "every check that ran passed"
+    cut = [name for name, status, _ in checks if status == CUT]
+    verdict = f"FAILED: {', '.join(failed)}" if failed else "nothing ran on a GPU" if skip else \
+        f"no check failed; cut by the budget: {', '.join(cut)}" if cut else "every check that ran passed"
     print(f"\ngpu_check: {verdict}")
     return 1 if failed else 0
 

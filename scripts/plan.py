@@ -8,7 +8,7 @@ Nothing is allocated: parameters come from the model built on the meta device, a
 forward run on fake tensors (utils/train/memory_plan.py says what the peak is made of). The time is the
 model FLOPs of a step (utils/metrics/flops.py) over the device's peak FLOP/s times an assumed MFU (--mfu).
 `--json` prints one object; `peak_bytes` is the predicted peak per rank. The check against measured
-peaks is scripts/plan_check.py (docs/benchmarks.md).
+peaks is dev/plan_check.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, device_name, resolve_device
-from utils.errors import ArgumentParser, require_stdout, run_cli
+from utils.errors import ArgumentParser, number, require_stdout, run_cli, utf8_text
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import format_seconds
 from utils.precision import resolve_precision
@@ -39,9 +42,11 @@ UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 **
 def parse_bytes(text: str) -> int:
     """'80GiB', '80G' (binary), '80GB' (decimal), '81920MiB' or a plain number of bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"--device-memory {text!r} is not a size; write it like 80GiB, 24G, 512MiB or 16000000000")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * UNITS.get(match.group(2).lower(), 0) if match else 0
+    if not 1 << 20 <= size <= 1 << 60:  # a whole mebibyte up to an exbibyte; 1e400 is inf, and refused too
+        raise ConfigError(f"--device-memory {text!r:.40} is not a size from 1MiB to 1EiB; write it like 80GiB, 24G, "
+                          f"512MiB or 16000000000 (bytes)")
+    return int(size)
 
 
 def device_memory(device: torch.device) -> int:
@@ -142,16 +147,18 @@ def report(p: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Predict memory per rank, the largest micro-batch and the time of a run.",
                             epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--world-size", type=int, default=1, help="processes (ranks) the run will use (default 1)")
+    parser.add_argument("--config", type=utf8_text, default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--world-size", type=number(int, 1, 1 << 20, "processes"), default=1,
+                        help="processes (ranks) the run will use (default 1)")
     parser.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default auto: CUDA, then MPS, then CPU)")
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
                         help="memory of one rank's device, e.g. 80GiB (default: this device's total)")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+    parser.add_argument("--mfu", type=number(float, 0, 1, "a fraction of the peak", above=True), default=DEFAULT_MFU,
                         help=f"assumed model FLOPs utilisation for the time estimate (default {DEFAULT_MFU})")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=number(float, 0, 1e9, "TFLOP/s", above=True), default=None,
                         help="peak TFLOP/s for the time estimate, e.g. 989 (H100 bf16) (default: this device's)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of the report")
 
     def body() -> int:
         args, overrides = parser.parse_known_args(argv)  # inside: a usage error is one line too
@@ -159,16 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         for item in overrides:
             if item.startswith("-"):
                 parser.error(f"unrecognized argument: {item}")
-        if args.world_size < 1:
-            raise ConfigError(f"--world-size must be at least 1 (got {args.world_size})")
-        if not 0 < args.mfu <= 1:
-            raise ConfigError(f"--mfu must be in (0, 1], e.g. 0.4 (got {args.mfu})")
-        if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
-            raise ConfigError(f"--peak-tflops must be a positive number, e.g. 989 (got {args.peak_tflops})")
         cfg = load_config(args.config, overrides)
         memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
         device = resolve_device(args.device)
-        plan = make_plan(cfg, args.world_size, device, memory or device_memory(device), args.mfu, args.peak_tflops)
+        memory = device_memory(device) if memory is None else memory
+        plan = make_plan(cfg, args.world_size, device, memory, args.mfu, args.peak_tflops)
         print(json.dumps(plan) if args.json else "\n".join(report(plan)))
         return 0
 

@@ -16,33 +16,54 @@ for a nanoGPT log of ASCII text). Needs matplotlib (requirements-dev.txt); train
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from utils.errors import ArgumentParser, UserError, run_cli
-from utils.metrics.curves import plot, read_runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
+from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
+from utils.metrics.curves import plot, read_runs, run_paths
+from utils.outputs import check_output
+
+INCHES = number(float, 0, 100, "inches", above=True)
+MAX_PIXELS = 1 << 16  # matplotlib's Agg draws fewer pixels than this a side
+
+
+def figure_size(text: str) -> tuple[float, float]:
+    """'10x4' -> (10.0, 4.0) inches."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must look like 10x4 (width x height in inches), got {text!r:.40}")
+    return INCHES(parts[0]), INCHES(parts[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Plot train/val loss of runs (TensorBoard event files or nanoGPT logs).")
-    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="a log folder, a glob of them, or a nanoGPT log")
+    p.add_argument("runs", type=utf8_text, nargs="+", metavar="[LABEL=]RUN",
+                   help="a log folder, a glob of them, or a nanoGPT log")
     p.add_argument("--x", choices=["step", "time", "both"], default="step", help="x axis (default: step)")
-    p.add_argument("--out", default="runs.png", help="PNG to write; an SVG of the same name is written too")
-    p.add_argument("--title", default="")
-    p.add_argument("--ymax", type=float, default=None, help="top of the loss axis (the first steps' loss is high)")
-    p.add_argument("--size", default="10x4", metavar="WxH", help="figure size in inches (default 10x4)")
-    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--out", type=utf8_text, default="runs.png",
+                   help="PNG to write; an SVG of the same name is written too")
+    p.add_argument("--title", type=utf8_text, default="")
+    p.add_argument("--ymax", type=number(float, 0, 1e4, "nats per byte", above=True), default=None,
+                   help="top of the loss axis (the first steps' loss is high)")
+    p.add_argument("--size", type=figure_size, default=(10.0, 4.0), metavar="WxH",
+                   help="figure size in inches (default 10x4)")
+    p.add_argument("--dpi", type=number(int, 1, 1200, "dots per inch"), default=100)
 
     def body() -> int:
         args = p.parse_args(argv)
-        try:
-            width, height = (float(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--size must look like 10x4 (inches), got {args.size!r}") from None
-        if width <= 0 or height <= 0 or args.dpi <= 0:
-            raise UserError("--size and --dpi must be positive")
+        width, height = args.size
+        if max(width, height) * args.dpi >= MAX_PIXELS:
+            raise UserError(f"--size {width:g}x{height:g} at --dpi {args.dpi} is an image of "
+                            f"{width * args.dpi:,.0f}x{height * args.dpi:,.0f} pixels; matplotlib draws fewer than "
+                            f"{MAX_PIXELS:,} a side: ask for a smaller --size or --dpi")
+        out = Path(args.out)
+        for written in (out, out.with_suffix(".svg")):
+            check_output(written, [path for spec in args.runs for path in run_paths(spec)[1]])
         curves = [c for spec in args.runs for c in read_runs(spec)]
-        written = plot(curves, args.x, Path(args.out), args.title, args.ymax, width, height, args.dpi)
+        written = plot(curves, args.x, out, args.title, args.ymax, width, height, args.dpi)
         print(f"wrote {' and '.join(map(str, written))} ({len(curves)} run(s))")
         return 0
 

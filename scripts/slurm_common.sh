@@ -11,11 +11,17 @@
 #                a node do not collide)
 #   PYTHON       the interpreter with torch installed (default python)
 #   TORCHRUN_ARGS  extra torchrun flags
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives its workers to save and exit after a SIGTERM
+#                before SIGKILL (torch 2.12+; default here 120, the lead of #SBATCH --signal; torch's own: 30)
 # Arguments after the script name go to train_ddp.py: overrides such as train.max_steps=100.
 #
 # Preemption: SLURM sends SIGUSR1 to this shell (#SBATCH --signal=B:USR1@120). The trap sends SIGTERM
 # to the training step; the workers finish their optimizer step, save a checkpoint and exit 75.
 # The job then requeues itself and the next run continues with --resume auto.
+# torchrun, signalled too, SIGKILLs its workers 30 s later by default, and a step, an evaluation and the save
+# of a large model take longer: torch 2.12+ waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds instead (older torch
+# ignores it and keeps 30 s). SLURM's own kill comes at the time limit plus KillWait, so the signal's lead is
+# the window that counts; raise both together (sbatch --signal=B:USR1@600, TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600).
 
 : "${SLURM_JOB_ID:?submit this script with sbatch (or salloc), it needs a SLURM allocation}"
 CONFIG=${CONFIG:-configs/default_config.yaml}
@@ -24,6 +30,8 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_JOB_NUM_NODES node(s) x" \
      "$NPROC processes, rendezvous $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date)"
+
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 
 PREEMPTED=0
 INTERRUPTED=0

@@ -49,8 +49,11 @@ def child_env(**extra: str | None) -> dict[str, str]:
 
     No GPU is visible to it (CUDA_VISIBLE_DEVICES empty) unless the test asks for one: the CPU suite's
     figures, exact comparisons and "auto" choices are CPU ones even on a machine with a GPU
-    (tests/test_cuda.py passes the parent's CUDA_VISIBLE_DEVICES back)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    (tests/test_cuda.py passes the parent's CUDA_VISIBLE_DEVICES back). It imports this checkout's code
+    (PYTHONPATH), whatever checkout was installed in editable mode: a helper run by path from tests/helpers,
+    or a module run from another folder, would otherwise find the installed one's."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
     env.update(extra)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -58,10 +61,11 @@ def child_env(**extra: str | None) -> dict[str, str]:
 _started: list[subprocess.Popen] = []
 
 
-def start(cmd: list, env: dict | None = None, merge_stderr: bool = False, stdin: bool = False) -> subprocess.Popen:
-    """Start cmd from the repository root, text mode, output piped; it and everything under it are killed
-    when the test ends (`_kill_started`) or when `finish` times out."""
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or child_env(), text=True,
+def start(cmd: list, env: dict | None = None, merge_stderr: bool = False, stdin: bool = False,
+          cwd: Path = ROOT) -> subprocess.Popen:
+    """Start cmd (from the repository root unless told), text mode, output piped; it and everything under it
+    are killed when the test ends (`_kill_started`) or when `finish` times out."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or child_env(), text=True,
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE)
     _started.append(proc)

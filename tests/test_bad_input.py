@@ -222,3 +222,132 @@ def test_generated_preparation_arguments_prepare_or_exit_2(capsys, tmp_path_fact
     code = prepare_dataset.main(["--input", str(source), "--out", str(tmp / "out"), "--separator", separator,
                                  "--text-field", field, "--shard-size", shard_size])
     assert_one_line_or_success(code, capsys.readouterr().err)
+
+
+# -- arguments at their limits: numbers, contradictory pairs, undecodable paths --------------------------
+SCRIPT_SOURCES = ["inference.py", "train_single.py", "train_ddp.py", "data/prepare_dataset.py", "utils/train/cli.py",
+                  *map(str, sorted(Path(__file__).parents[1].glob("scripts/*.py"))),
+                  *map(str, sorted(Path(__file__).parents[1].glob("dev/*.py")))]
+
+
+def test_every_numeric_argument_is_validated_by_the_shared_parser():
+    """No script parses a number with a bare int or float: each goes through utils.errors.number (finite, in
+    range, its unit named)."""
+    root = Path(__file__).parents[1]
+    bare = [f"{path}:{node.lineno}" for path in SCRIPT_SOURCES for node in ast.walk(ast.parse((root / path).read_text()))
+            if isinstance(node, ast.keyword) and node.arg == "type" and isinstance(node.value, ast.Name)
+            and node.value.id in ("int", "float")]
+    assert not bare, bare
+
+
+@SETTINGS
+@given(kind=st.sampled_from([int, float]), low=st.integers(-5, 5), span=st.integers(0, 10 ** 6),
+       above=st.booleans(), text=NASTY_NUMBERS.map(str))
+def test_a_number_argument_is_finite_in_range_and_whole_where_a_count_is_meant(kind, low, span, above, text):
+    """Whatever the text, the shared number type returns a finite value of its kind within its bounds, or
+    refuses with a message naming the bounds and the unit."""
+    import argparse
+
+    from utils.errors import number
+
+    parse = number(kind, low, low + span, "widgets", above=above)
+    try:
+        value = parse(text)
+    except argparse.ArgumentTypeError as e:
+        assert "widgets" in str(e) and "\n" not in str(e)
+        return
+    assert type(value) is kind and (low < value if above else low <= value) and value <= low + span
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("scripts.plot_runs", ["runs", "--size", "nanx4"], "argument --size: must be a number above 0"),
+    ("scripts.plot_runs", ["runs", "--dpi", "1e9"], "argument --dpi: must be a whole number from 1 to 1,200 (dots per inch)"),
+    ("scripts.plot_runs", ["runs", "--ymax", "nan"], "argument --ymax: must be a number above 0"),
+    ("scripts.plot_runs", ["runs", "--size", "90x4", "--dpi", "1000"], "matplotlib draws fewer than 65,536"),
+    ("scripts.plan", ["--device-memory", "0.5"], "--device-memory '0.5' is not a size from 1MiB to 1EiB"),
+    ("scripts.plan", ["--world-size", "1.5"], "argument --world-size: must be a whole number"),
+    ("scripts.plan", ["--peak-tflops", "inf"], "argument --peak-tflops: must be a number above 0"),
+    ("scripts.evaluate", ["--batch-size", "0.5"], "argument --batch-size: must be a whole number from 1"),
+    ("scripts.evaluate", ["--max-bytes", "-1"], "argument --max-bytes: must be a whole number from 0"),
+    ("scripts.benchmark", ["--steps", "1e300"], "argument --steps: must be a whole number from 1"),
+    ("scripts.benchmark", ["--baseline-tokens-per-sec", "nan"], "argument --baseline-tokens-per-sec: must be a number"),
+    ("scripts.benchmark_data", ["--startup-runs", "inf"], "argument --startup-runs: must be a whole number"),
+    ("data.prepare_dataset", ["--val-fraction", "nan"], "argument --val-fraction: must be a number above 0"),
+    ("data.prepare_dataset", ["--test-bytes", "1e300"], "argument --test-bytes: must be a whole number from 2"),
+    ("data.prepare_dataset", ["--progress-every", "inf"], "argument --progress-every: must be a number from 0"),
+    ("inference", ["--prompt", "a", "--max-new-tokens", "2.5"], "argument --max-new-tokens: must be a whole number"),
+    ("inference", ["--prompt", "a", "--temperature", "inf"], "argument --temperature: must be a number from 0"),
+    ("inference", ["--prompt", "a", "--seed", str(2 ** 64)], "argument --seed: must be a whole number from 0"),
+    ("dev.ablate", ["--config", "c", "--variant", "a", "--budget", "inf"], "argument --budget: must be a number above 0"),
+    ("dev.ablate", ["--config", "c", "--variant", "a", "--budget", "1", "--seeds", "1.5"], "argument --seeds: must be"),
+    ("dev.record", ["--out", "o", "--run", "a=c", "--nproc", "0"], "argument --nproc: must be a whole number from 1"),
+    ("dev.vs_nanogpt", ["--nanogpt", "n", "--rounds", "nan"], "argument --rounds: must be a whole number from 1"),
+    ("dev.plan_check", ["--steps", "1e9"], "argument --steps: must be a whole number from 2"),
+    # contradictory pairs
+    ("inference", ["--prompt", "a", "--prompt-file", "p.txt"], "give the prompt once: --prompt or --prompt-file"),
+    ("inference", ["--prompt", "a", "--temperature", "0", "--top-k", "5"], "--temperature 0 is greedy decoding"),
+    ("scripts.evaluate", ["--text-file", "t.txt", "--data-dir", "d"], "--data-dir names the dataset of --split"),
+    ("scripts.benchmark", ["--rounds", "3"], "--rounds alternates the cases of --compare"),
+    ("scripts.benchmark", ["--compare", "--baseline-tokens-per-sec", "5"], "--baseline-tokens-per-sec rates a run"),
+    # paths that are not UTF-8 (the bytes a shell passes, as Python keeps them)
+    ("scripts.convert_checkpoint", ["--checkpoint", "c.pt", "--out", "caf\udce9.pt"], "argument --out: byte 0xe9"),
+    ("inference", ["--checkpoint", "caf\udce9.pt", "--prompt", "a"], "argument --checkpoint: byte 0xe9 at position 3"),
+    ("data.prepare_dataset", ["--out", "d\udcff"], "argument --out: byte 0xff at position 1 is not UTF-8"),
+    ("train_single", ["--resume", "\udce9"], "argument --resume: byte 0xe9 at position 0 is not UTF-8"),
+    ("scripts.plot_runs", ["runs", "--title", "caf\udce9"], "argument --title: byte 0xe9 at position 3"),
+])
+def test_bad_arguments_are_one_line_before_any_work(capsys, tmp_path, monkeypatch, module, argv, says):
+    """Numbers out of range or not finite, contradictory pairs and undecodable paths: exit 2, one line, nothing
+    written (the command runs in an empty folder)."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    code = importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["logging.dir", "checkpoint.dir", "data.dir", "train.init_from", "logging.wandb_name"])
+def test_a_path_in_the_config_that_is_not_utf8_is_refused_before_anything_is_written(capsys, tiny_data, tmp_path,
+                                                                                      key):
+    """A Latin-1 byte in a path key: one line naming the key, exit 2, and no folder created (TensorBoard and
+    torch.save would fail on it only after the run had written)."""
+    value = tmp_path / "caf\udce9"
+    code = train_single.main([*tiny_overrides(tiny_data, tmp_path / "run"), f"{key}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {key} cannot be used: byte 0xe9 at position") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and not value.exists()
+
+
+def test_a_sharded_folder_whose_weights_are_another_shape_is_one_line(capsys, tmp_path):
+    """A sharded folder whose extra.pt describes another model than its shards hold: converting, sampling and
+    resuming name the differing weights in one line (DCP's own error is a traceback in a BaseException)."""
+    import torch
+
+    from models.config_loader import config_to_dict
+    from models.transformer import GPT
+    from scripts import convert_checkpoint
+    from utils.checkpoint import sharded
+    from utils.checkpoint.format import CONFIG, FORMAT, FORMAT_VERSION, TRAINER, CheckpointError
+
+    def cfg(dim):
+        return load_config(None, [f"model.dim={dim}", "model.n_layers=1", "model.n_heads=2", "model.ffn_dim=64",
+                                  "model.context_length=16"])
+    model = GPT(cfg(32).model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "step_0000001"
+    sharded.save_sharded(folder, model, optimizer, {CONFIG: config_to_dict(cfg(32)), FORMAT: FORMAT_VERSION,
+                                                    TRAINER: {"step": 1}})
+    torch.save({CONFIG: config_to_dict(cfg(64)), FORMAT: FORMAT_VERSION, TRAINER: {"step": 1}}, folder / "extra.pt")
+    for main, argv in ((convert_checkpoint.main, ["--checkpoint", folder, "--out", tmp_path / "m.pt"]),
+                       (inference.main, ["--checkpoint", folder, "--prompt", "a", "--max-new-tokens", "1"])):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {folder} holds a different model shape: tok_emb.weight: checkpoint (256, 32) "
+                              f"vs model (256, 64);") and err.count("\n") == 1, err
+    big = GPT(cfg(64).model)
+    with pytest.raises(CheckpointError, match="holds a different model shape"):
+        sharded.load_sharded(folder, big, torch.optim.AdamW(big.parameters()))
+    assert not (tmp_path / "m.pt").exists()

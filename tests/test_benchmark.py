@@ -14,7 +14,7 @@ from utils.distributed.process_group import DistInfo
 from utils.metrics.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
 from utils.metrics.logger import MetricsLogger
 from utils.train.optim import build_optimizer
-from utils.train.run import build_trainer, load_data, resolve_run_precision
+from utils.train.run import agree_precision, build_trainer, load_data, resolved
 from utils.train.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
@@ -26,7 +26,8 @@ FIELDS = {"device", "torch", "threads", "precision", "compile", "fused_adamw", "
 
 def built(data_dir, tmp_path, **overrides) -> Trainer:
     cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
-    cfg, precision = resolve_run_precision(cfg, CPU, None)
+    precision = agree_precision(cfg, CPU, None)
+    cfg = resolved(cfg, precision, steps_per_epoch=0)
     plan, val_data = load_data(cfg, CPU)
     return build_trainer(cfg, precision, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
@@ -93,8 +94,8 @@ def test_unknown_gpu_reports_no_mfu(name, capsys):
 
 
 def test_compiled_step_matches_eager(tiny_data, tmp_path):
-    """torch.compile gives the eager losses and weights on CPU (fp32, two steps), from the one graph
-    compiled at build time (the real steps compile nothing more)."""
+    """torch.compile gives the eager losses and weights on CPU (fp32, two steps), from the two graphs compiled
+    at build time, training's and evaluation's (the real steps compile nothing more)."""
     from torch._dynamo.utils import counters
 
     eager = built(tiny_data, tmp_path / "e", model__n_layers=1)
@@ -103,7 +104,7 @@ def test_compiled_step_matches_eager(tiny_data, tmp_path):
     assert hasattr(compiled.model, "_orig_mod"), "compilation fell back to eager; nothing was compared"
     for _ in range(2):
         assert compiled.train_step()[0] == pytest.approx(eager.train_step()[0], rel=1e-5)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     for (name, a), b in zip(eager.raw.named_parameters(), compiled.raw.parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
 
@@ -116,8 +117,9 @@ def test_a_failing_compile_trains_eagerly(tiny_data, tmp_path, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=broken))
     torch._dynamo.reset()
-    cfg, precision = resolve_run_precision(
-        load_config(None, tiny_overrides(tiny_data, tmp_path, model__n_layers=1, train__compile="true")), CPU, None)
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, model__n_layers=1, train__compile="true"))
+    precision = agree_precision(cfg, CPU, None)
+    cfg = resolved(cfg, precision, steps_per_epoch=0)
     plan, val_data = load_data(cfg, CPU)
     logger = MetricsLogger(tmp_path / "logs", is_main=True)
     trainer = build_trainer(cfg, precision, CPU, plan, val_data, logger)

@@ -93,6 +93,6 @@ def test_a_bug_is_one_line_naming_the_file_that_holds_its_traceback(tmp_path):
     trace = Path(re.search(r"its traceback is in (\S+);", line)[1])
     try:
         text = trace.read_text()
-        assert text.startswith("Traceback") and "train_step" in text and "ZeroDivisionError" in text
+        assert text.startswith("Traceback") and "planted_bug" in text and "ZeroDivisionError" in text
     finally:
         trace.unlink()

@@ -86,9 +86,11 @@ def test_no_start_or_save_loses_the_newest_loadable_checkpoint(files, resume, ke
         except CheckpointError:
             last_step = 0
         checkpointer = Checkpointer(d, keep_last, CPU)
+        checkpointer.claim()
         try:
             found = checkpointer.find_resume(resume, warn=lambda msg: None)
         except CheckpointError:
+            checkpointer.release()
             assert snapshot(d) == before  # a refused start writes nothing
             return
         if found is None:  # a fresh start is only taken where it cannot overwrite a run's files
@@ -110,3 +112,4 @@ def test_no_start_or_save_loses_the_newest_loadable_checkpoint(files, resume, ke
                 if m and int(m.group(1)) > step:
                     assert after[name] == content
             assert ckpt.load_checkpoint(d / LAST)[ckpt.TRAINER]["step"] == step
+        checkpointer.release()

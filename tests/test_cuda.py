@@ -63,9 +63,13 @@ def test_compile_on_gpu(tiny_data, tmp_path):
 
 
 def test_torchrun_one_rank_on_nccl(tiny_data, tmp_path):
-    proc = run_torchrun(1, "train_ddp.py", "--device", "cuda", *tiny_overrides(tiny_data, tmp_path, **GPU_MODEL),
-                        env=gpu_env(), check=True)
+    """distributed.backend=nccl named, one rank: a real NCCL group of one whose communicator an all-reduce made
+    (with auto, one rank makes no group). NCCL between ranks needs a GPU per rank."""
+    overrides = tiny_overrides(tiny_data, tmp_path, **GPU_MODEL, distributed__backend="nccl")
+    proc = run_torchrun(1, "tests/helpers/instrumented_ddp.py", "--device", "cuda", *overrides,
+                        env=gpu_env(RECORD_RANKS=str(tmp_path / "ranks")), check=True)
     assert "done: 6 steps" in proc.stdout
+    assert json.loads((tmp_path / "ranks/rank0.json").read_text())["backend"] == "nccl"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")

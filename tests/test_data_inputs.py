@@ -104,7 +104,7 @@ def test_readme_large_corpus_commands(tmp_path):
         argv = shlex.split(command)
         assert argv[:3] == ["python", "-m", "data.prepare_dataset"]
         subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True, capture_output=True,
-                       env=child_env(PYTHONPATH=str(ROOT)), timeout=300)  # the README runs them from the root
+                       env=child_env(), timeout=300)
     books = "\n".join(d * 4 for d in DOCS).encode()
     with_more = load_split(tmp_path / "data/books", "train")
     assert len(with_more) > int(len(books) * 0.9)  # both parts' train shards, each split 90/10

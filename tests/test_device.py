@@ -5,7 +5,7 @@ import torch
 
 from conftest import run_script
 from utils.errors import UserError
-from utils.device import fused_adamw, mps_available, pin_memory, resolve_device
+from utils.device import check_gpu_per_rank, fused_adamw, mps_available, pin_memory, resolve_device
 from utils.distributed.rendezvous import env_ranks
 
 
@@ -72,6 +72,20 @@ def test_more_processes_than_gpus_is_refused(gpus):
         resolve_device(None, local_rank)
     with pytest.raises(UserError, match="cuda:2 requested but only 2 GPU"):
         resolve_device("cuda:2")
+
+
+def test_several_nccl_ranks_on_one_visible_gpu_are_refused(gpus, monkeypatch):
+    """torchrun --nproc_per_node=2 where one GPU is visible: under NCCL every worker would take cuda:0 and end in
+    NCCL's raw "Duplicate GPU detected"; the repo's own line says what to start instead. gloo may share it."""
+    gpus.count = 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"torchrun started 2 processes on this node, but they see one GPU.*"
+                                        r"--nproc_per_node=1"):
+        check_gpu_per_rank("nccl", gpu)
+    check_gpu_per_rank("gloo", gpu)  # gpu_check's 2 processes on one GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # srun --gpus-per-task=1: each task its own GPU
+    check_gpu_per_rank("nccl", gpu)
 
 
 def test_per_device_choices():

@@ -168,6 +168,19 @@ def test_gloo_workers_are_joined_before_the_interpreter_exits(tiny_data, tmp_pat
     assert [r["after"] for r in records] == [0, 0], records
 
 
+@pytest.mark.slow
+def test_ddp_does_not_broadcast_the_rope_tables_before_each_forward(tiny_data, tmp_path):
+    """The RoPE tables are the model's only buffers and alike on every rank (a function of the config): DDP is
+    built not to sync buffers in forward, so after its construction no rank makes another coalesced broadcast;
+    and not through the flag torch 2.13 deprecates (broadcast_buffers, with a FutureWarning)."""
+    out = tmp_path / "broadcasts"
+    proc = run_torchrun(2, HELPER, "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, model__pos_emb="rope"),
+                        env=child_env(COUNT_BROADCASTS=str(out)), check=True)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records == [{"after_wrap": 0, "buffers": ["module.rope_cos", "module.rope_sin"]}] * 2, records
+    assert "broadcast_buffers" not in proc.stderr, proc.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -75,6 +75,21 @@ def test_a_bf16_run_continues_in_fp16(tiny_data, tmp_path):
     bf16.save()
     (path,) = [p for _, p in bf16.checkpointer.step_files()]
     fp16 = make_trainer(tiny_data, tmp_path, train__precision="fp16")
-    fp16.restore(fp16.checkpointer.load(path), str(path))
+    fp16.restore(str(path), fp16.checkpointer.load(path))
     assert fp16.step == 1 and fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0 ** 16
     assert math.isfinite(fp16.train_step()[0]) and fp16.step == 2
+
+
+def test_an_fp16_overflow_is_counted_as_a_skipped_step(tiny_data, tmp_path):
+    """A loss scale so large that the gradients overflow: the update is not applied, and the step is counted as
+    skipped (the GradScaler changes its scale only in update(), so comparing scales around step() saw nothing);
+    the loss is finite, so it is not a health event."""
+    trainer = make_trainer(tiny_data, tmp_path, train__precision="fp16", train__max_steps=8)
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.raw.state_dict().items()}
+    trainer.scaler.update(2.0 ** 120)  # every fp16 gradient overflows at this scale
+    loss, norm, applied = trainer.train_step()
+    assert math.isfinite(loss) and not math.isfinite(norm) and not applied
+    assert trainer.skipped_steps == 1 and trainer.guard.events == []
+    assert all(torch.equal(before[k], v) for k, v in trainer.raw.state_dict().items())
+    assert trainer.scaler.get_scale() == 2.0 ** 119  # the scaler saw the overflow, too

@@ -1,5 +1,5 @@
 """Run health: the detector, the skip / rollback / stop actions on a poisoned data window, the events they
-write, and resume continuity (utils/health.py, utils/guard.py)."""
+write, and resume continuity (utils/train/health.py, utils/train/guard.py)."""
 
 import json
 import math
@@ -15,23 +15,49 @@ from models.config import HealthConfig
 from test_trainer import make_trainer
 from utils.checkpoint.format import load_checkpoint
 from utils.metrics.logger import MetricsLogger
-from utils.train.health import RunUnhealthy, SpikeDetector, robust_z
+from utils.train.health import HEALTHY, NONFINITE, RunUnhealthy, SpikeDetector, median_mad, robust_z
 
 HELPER = "tests/helpers/poison_window.py"
 finite = st.floats(min_value=1e-3, max_value=1e3)
+
+
+def fed(history, window=100):
+    """A detector on the CPU that accepted these (loss, norm) values."""
+    detector = SpikeDetector(HealthConfig(window=window, arm_after=min(50, window)), torch.device("cpu"))
+    for h in history:
+        detector.accept(torch.tensor(h, dtype=torch.float64), torch.tensor(h, dtype=torch.float64), torch.tensor(True))
+    return detector
+
+
+def verdict(detector, loss, norm):
+    return int(detector.judge(torch.tensor(loss), torch.tensor(norm))["verdict"])
 
 
 @settings(max_examples=50, deadline=None)
 @given(history=st.lists(finite, min_size=50, max_size=100), value=finite)
 def test_no_value_at_or_below_the_median_is_a_spike(history, value):
     """Only rises are judged: a loss at or below the window's median is never an event."""
-    detector = SpikeDetector(HealthConfig())
-    for h in history:
-        detector.accept(h, h)
+    detector = fed(history)
     median = sorted(history)[len(history) // 2]
-    kind, _ = detector.check(min(value, median), min(value, median))
-    assert kind is None
-    assert detector.check(math.nan, 1.0)[0] == detector.check(1.0, math.inf)[0] == "nonfinite"
+    assert verdict(detector, min(value, median), min(value, median)) == HEALTHY
+    assert verdict(detector, math.nan, 1.0) == verdict(detector, 1.0, math.inf) == NONFINITE
+
+
+@settings(max_examples=50, deadline=None)
+@given(history=st.lists(finite, min_size=1, max_size=60), window=st.integers(1, 40), value=finite)
+def test_the_device_window_judges_as_the_list_of_its_last_values(history, window, value):
+    """The ring buffer on the device holds the last `window` values: its median, deviation and z-score are
+    those of that list computed on the host (robust_z), whatever its fill, and it saves and loads as the list."""
+    detector = fed(history, window)
+    last = history[-window:]
+    median, mad = detector.losses.median_mad()
+    assert (float(median), float(mad)) == pytest.approx(median_mad(last), rel=1e-6)
+    z = float(detector.judge(*[torch.tensor(value, dtype=torch.float64)] * 2)["loss_z"])
+    assert z == pytest.approx(robust_z(value, last, HealthConfig().min_rel_rise), rel=1e-4, abs=1e-4)
+    assert detector.losses.state_dict() == pytest.approx(last)
+    again = fed([], window)
+    again.load_state_dict(detector.state_dict())
+    assert float(again.losses.median_mad()[0]) == pytest.approx(float(median))
 
 
 def test_robust_z_ignores_the_outliers_it_looks_for():
@@ -77,7 +103,7 @@ def test_rollback_ends_with_the_weights_of_a_run_that_never_saw_the_window(tiny_
     the run ends bit for bit where a run that skipped data steps 151-200 ends; that clean run has no event."""
     logger = MetricsLogger(tmp_path / "logs", is_main=True)
     spiked = make_trainer(tiny_data, tmp_path / "a", train__max_steps=250, health__action="rollback")
-    spiked.log = logger
+    spiked.log = spiked.guard.log = logger
     poison(spiked, {199})
     train_to(spiked, 250)
     logger.close()
@@ -113,7 +139,7 @@ def test_a_resume_after_a_rollback_continues_exactly(tiny_data, tmp_path):
     path = first.checkpointer.dir / "step_0000050.pt"
     second = make_trainer(tiny_data, tmp_path / "split", **settings)
     poison(second, {45})
-    second.restore(second.checkpointer.load(path), str(path))
+    second.restore(str(path), second.checkpointer.load(path))
     train_to(second, 60)
     assert whole.guard.summary() == second.guard.summary() != "health: no events"
     for a, b in zip(whole.raw.parameters(), second.raw.parameters()):
@@ -174,6 +200,39 @@ def test_stop_saves_the_state_before_the_spike_and_exits_with_one_line(tiny_data
     assert trainer.step == 50 and (trainer.checkpointer.dir / "step_0000050.pt").is_file()
 
 
+def test_a_rollback_to_step_0_goes_on(tiny_data, tmp_path):
+    """A non-finite step 1 under health.action=rollback returns to step 0, the first snapshot, and the run goes
+    on to train.max_steps (step 0 is a real step; train.stop_at_step=0 means off)."""
+    trainer = make_trainer(tiny_data, tmp_path, train__max_steps=6, health__action="rollback")
+    trainer.checkpointer.dir.mkdir(parents=True)
+    hook = trainer.raw.register_forward_hook(lambda m, args, out: (out[0], out[1] * math.nan))
+    trainer.advance()
+    hook.remove()
+    assert trainer.fit() == 0 and trainer.step == 6 and trainer.guard.rollbacks == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_stop_saves_the_state_before_the_event_and_resumes_as_if_it_never_happened(tiny_data, tmp_path, optimizer):
+    """health.action=stop at a non-finite step 6, with dropout: the checkpoint holds the state before step 6,
+    its dropout RNG included, so a resume (the fault gone) ends bit for bit where an unbroken run ends."""
+    settings = dict(train__max_steps=10, model__dropout=0.1, health__action="stop", optim__name=optimizer)
+    whole = make_trainer(tiny_data, tmp_path / "whole", **settings)
+    train_to(whole, 10)
+    first = make_trainer(tiny_data, tmp_path / "split", **settings)
+    first.checkpointer.dir.mkdir(parents=True)
+    train_to(first, 5)
+    hook = first.raw.register_forward_hook(lambda m, args, out: (out[0], out[1] * math.nan))
+    with pytest.raises(RunUnhealthy, match="health.action=stop: nonfinite at step 6"):
+        first.train_step()
+    hook.remove()
+    path = first.checkpointer.dir / "step_0000005.pt"
+    second = make_trainer(tiny_data, tmp_path / "split", **settings)
+    second.restore(str(path), second.checkpointer.load(path))
+    train_to(second, 10)
+    for a, b in zip(whole.raw.parameters(), second.raw.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_run_that_keeps_spiking_stops_after_max_rollbacks(tiny_data, tmp_path):
     """Every window poisoned from step 46 on: health.max_rollbacks rollbacks, then one line naming the limit."""
     trainer = make_trainer(tiny_data, tmp_path, train__max_steps=60, health__arm_after=10, health__window=20,
@@ -212,7 +271,7 @@ def test_a_resume_on_other_data_is_reported_in_one_line(tiny_data, tmp_path):
     path = first.checkpointer.dir / "step_0000150.pt"
     for changed in (False, True):
         resumed = make_trainer(tiny_data, tmp_path / "a", train__max_steps=200)
-        resumed.restore(resumed.checkpointer.load(path), str(path))
+        resumed.restore(str(path), resumed.checkpointer.load(path))
         if changed:
             poison(resumed, set(range(1000)))
         train_to(resumed, 156)

@@ -10,8 +10,10 @@ from hypothesis import given, settings, strategies as st
 from conftest import child_env, make_dataset, run_script, run_torchrun, tiny_overrides
 from utils.text import unescape
 from utils.generation import TextStream, generate_text
+from utils.checkpoint.format import CONFIG, MODEL, build_model
 from utils.checkpoint.reader import load_model
 from models.config import ModelConfig
+from models.config_loader import config_to_dict, load_config
 from models.transformer import GPT, filter_logits, sample_next
 
 LEARNED = {}
@@ -209,3 +211,21 @@ def test_compiled_run_checkpoint_loads(tmp_path, tiny_data):
     out = infer(checkpoint, "--prompt", "the", "--max-new-tokens", "10", "--seed", "0")
     assert out.stdout.startswith("the") and summary_tokens(out.stderr) == 10
     assert load_model(checkpoint, torch.device("cpu")).cfg.n_layers == 1
+
+
+def test_bf16_inference_keeps_the_rope_tables_fp32():
+    """A checkpoint loaded for bf16 sampling casts its weights, not the RoPE tables (training keeps them fp32):
+    its logits and greedy tokens are exactly those of the same bf16 weights with the fp32 tables."""
+    model = tiny(64, **ROPE)
+    shape = dict(dim=32, n_layers=2, n_heads=4, ffn_dim=64, context_length=64, **ROPE)
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
+    loaded = build_model({CONFIG: config_to_dict(cfg), MODEL: model.state_dict()}, "tiny", torch.device("cpu"),
+                         torch.bfloat16)
+    assert loaded.rope_cos.dtype == loaded.rope_sin.dtype == torch.float32
+    assert loaded.tok_emb.weight.dtype == torch.bfloat16
+    reference = tiny(64, **ROPE).to(torch.bfloat16)
+    reference.rope_cos, reference.rope_sin = model.rope_cos, model.rope_sin  # the fp32 tables
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loaded(prompt)[0], reference(prompt)[0])
+    tokens = torch.stack(list(loaded.generate(prompt, 40, temperature=0)), 1)
+    assert torch.equal(tokens, torch.stack(list(reference.generate(prompt, 40, temperature=0)), 1))

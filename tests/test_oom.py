@@ -1,5 +1,5 @@
 """Out-of-memory back-off: GPT.forward raises torch.OutOfMemoryError (as CUDA would) from a chosen micro-step
-on, for micro-batches above a size; train_single.main runs unchanged (utils/guard.py, utils/oom.py)."""
+on, for micro-batches above a size; train_single.main runs unchanged (utils/train/guard.py, utils/train/oom.py)."""
 
 import pytest
 import torch
@@ -43,8 +43,8 @@ def weights(run_dir):
 
 def test_backed_off_run_ends_like_an_unbroken_run_at_the_smaller_micro_batch(tiny_data, tmp_path, oom_above, capsys):
     """Micro-batch 8 runs out of memory at micro-step 7 (step 8): 8 -> 4 -> 2, accumulation 1 -> 4, one line each;
-    the weights match a run at micro-batch 2 x 4 throughout (fp32, 1e-5); config.yaml and the checkpoint record
-    2 x 4, and a resume with the original settings takes them up."""
+    the weights match a run at micro-batch 2 x 4 throughout (fp32, 1e-5); the checkpoint's trainer state records
+    2 x 4 (config.yaml is not rewritten), and a resume with the original settings takes them up."""
     common = dict(train__max_steps=12, train__eval_every=0, train__save_every=0, model__dropout=0.0)
     assert train_single.main(tiny_overrides(tiny_data, tmp_path / "small", train__batch_size=2,
                                             train__grad_accum_steps=4, **common)) == 0
@@ -57,10 +57,11 @@ def test_backed_off_run_ends_like_an_unbroken_run_at_the_smaller_micro_batch(tin
     assert [e.step for e in tb.Scalars("health/event")] == [8, 8]
     for name, tensor in weights(tmp_path / "small").items():
         assert torch.allclose(tensor, weights(tmp_path / "big")[name], atol=1e-5), name
+    # the micro-batch is run state, in the checkpoint; config.yaml stays what the user asked for
     recorded = yaml.safe_load((tmp_path / "big" / "ckpt" / "config.yaml").read_text())["train"]
-    saved = load_checkpoint(tmp_path / "big" / "ckpt" / "last_checkpoint.pt")["config"]["train"]
-    assert (recorded["batch_size"], recorded["grad_accum_steps"]) == (saved["batch_size"], saved["grad_accum_steps"]) \
-        == (2, 4)
+    saved = load_checkpoint(tmp_path / "big" / "ckpt" / "last_checkpoint.pt")
+    assert (recorded["batch_size"], recorded["grad_accum_steps"]) == (8, 1)
+    assert saved["trainer"]["micro_batch"] == [2, 4]
     assert train_single.main([*big, "train.max_steps=14", "--resume", "auto"]) == 0
     out = capsys.readouterr().out
     assert "resuming with train.batch_size=2 and train.grad_accum_steps=4" in out and "oom" not in out
@@ -73,3 +74,35 @@ def test_out_of_memory_at_micro_batch_1_stops_with_one_line(tiny_data, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory at step 1 with train.batch_size=1 (micro-batch 1 cannot be smaller)")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test, in backward)")
+
+
+def test_out_of_memory_in_the_backward_backs_off_as_in_the_forward(tiny_data, tmp_path, monkeypatch, capsys):
+    """The backward of micro-batches above 2 runs out of memory from step 3 on (one process): the same back-off,
+    and the weights of the unbroken 2 x 4 run."""
+    common = dict(train__max_steps=6, train__eval_every=0, train__save_every=0, model__dropout=0.0)
+    assert train_single.main(tiny_overrides(tiny_data, tmp_path / "small", train__batch_size=2,
+                                            train__grad_accum_steps=4, **common)) == 0
+    forward, calls = GPT.forward, [0]
+
+    def failing(self, idx, targets=None, pos=0):
+        logits, loss = forward(self, idx, targets, pos)
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] > 2 and idx.shape[0] > 2:
+                loss = _RaiseInBackward.apply(loss)
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", failing)
+    assert train_single.main(tiny_overrides(tiny_data, tmp_path / "big", train__batch_size=8, **common)) == 0
+    assert capsys.readouterr().out.count("health: step 3: oom") == 2
+    for name, tensor in weights(tmp_path / "small").items():
+        assert torch.allclose(tensor, weights(tmp_path / "big")[name], atol=1e-5), name

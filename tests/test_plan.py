@@ -73,7 +73,7 @@ def test_fake_count_equals_the_real_saved_tensors(options, precision, checkpoint
 @given(options=model_options, world_size=st.integers(1, 5), optimizer=st.sampled_from(["adamw", "muon"]))
 def test_state_matches_the_real_model_and_optimizer(options, world_size, optimizer):
     """Parameters are the real GPT's; FSDP's shard is torch.chunk's largest piece; the optimizer state
-    is what utils/optim.py's optimizer holds after a step."""
+    is what utils/train/optim.py's optimizer holds after a step."""
     overrides = [f"model.{k}={v}" for k, v in options.items()] + TINY[2:] + [
         "model.dim=32", "model.n_heads=2", f"optim.name={optimizer}", "distributed.strategy=fsdp"]
     cfg = load_config(None, overrides)
@@ -201,10 +201,13 @@ def test_report_names_each_figure(capsys):
     (["train.lrr=1"], "unknown config key 'train.lrr'"),
     (["--device-memory", "80XB"], "--device-memory '80XB' is not a size"),
     (["--device-memory", "0GiB"], "is not a size"),
-    (["--world-size", "0"], "--world-size must be at least 1"),
-    (["--world-size", "two"], "invalid int value"),
-    (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
-    (["--peak-tflops", "-3"], "--peak-tflops must be a positive number"),
+    (["--device-memory", "0.5"], "is not a size from 1MiB"),
+    (["--device-memory", "9" * 400 + "GiB"], "is not a size from 1MiB"),
+    (["--world-size", "0"], "--world-size: must be a whole number from 1"),
+    (["--world-size", "two"], "--world-size: must be a whole number"),
+    (["--mfu", "1.5"], "--mfu: must be a number above 0 and at most 1"),
+    (["--mfu", "nan"], "--mfu: must be a number above 0"),
+    (["--peak-tflops", "-3"], "--peak-tflops: must be a number above 0"),
     (["--bogus"], "unrecognized argument: --bogus"),
 ])
 def test_bad_input_is_one_line(capsys, argv, fragment):

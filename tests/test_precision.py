@@ -17,7 +17,7 @@ from models.transformer import attention
 from utils.checkpoint.format import CONFIG
 from utils.distributed.process_group import DistInfo
 from utils.precision import BF16_MARGIN, autocast_context, grad_scaler, resolve_precision
-from utils.train.run import resolve_run_precision
+from utils.train.run import agree_precision
 
 TINY = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, context_length=16)
 CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
@@ -54,7 +54,7 @@ def test_fsdp_refuses_fp16_that_auto_resolved(cache):
     """auto resolved to fp16 (here: resuming an fp16 run) under FSDP: one ConfigError that names auto's reason."""
     cfg = load_config(None, ["train.precision=auto", "distributed.strategy=fsdp"])
     with pytest.raises(ConfigError, match=r"train.precision=auto resolved to fp16 \(auto: as the checkpoint"):
-        resolve_run_precision(cfg, CPU, {CONFIG: {"train": {"precision": "fp16"}}})
+        agree_precision(cfg, CPU, {CONFIG: {"train": {"precision": "fp16"}}})
 
 
 def test_cpu_auto_measures_once_caches_and_decides_by_the_measurement(cache):

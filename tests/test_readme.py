@@ -1,5 +1,6 @@
 """The README, true as written: every command of its code blocks runs, in the order a reader meets them,
-in a fresh copy of the repository. Training commands get tiny-model overrides appended (the model, not
+in a fresh copy of the repository, and after them the commands of the docs pages it links for the
+deeper use (PAGES). Training commands get tiny-model overrides appended (the model, not
 the folders: the page's commands must compose as written); inputs the page assumes the reader has (a
 folder of books, an enwik8 file) are made small first. What cannot run here says which test runs it."""
 
@@ -19,6 +20,9 @@ import pytest
 from conftest import ROOT, TINY_TEXT, _started, child_env, finish
 
 README = ROOT / "README.md"
+# the pages whose commands a reader runs, in the order they are read: the docs pages continue the README's
+# folders (docs/distributed.md fine-tunes on the README's data/books)
+PAGES = [README, ROOT / "docs/distributed.md", ROOT / "docs/planning.md"]
 TINY = ("model.dim=32 model.n_layers=1 model.n_heads=2 model.ffn_dim=64 model.context_length=32 "
         "train.batch_size=2 train.grad_accum_steps=1 train.max_steps=4 schedule.warmup_steps=1 eval.every=2 "
         "eval.max_bytes=4096 eval.sample_tokens=8 checkpoint.every=2 train.compile=false")
@@ -32,15 +36,15 @@ ELSEWHERE = {
     "sbatch": "needs SLURM (and GPUs): tests/test_slurm.py runs the CPU line on a local SLURM cluster",
     "mkdir -p logs": "the SLURM block's first line, run with it by tests/test_slurm.py",
     "bash scripts/gpu_check.sh": "tests/test_gpu_check.py runs it (here, without a GPU: the table of skips)",
-    "bash scripts/gpu_track.sh": "a 12-layer model for 3 minutes: tests/test_record.py runs it with a tiny config",
+    "bash dev/gpu_track.sh": "a 12-layer model for 3 minutes: tests/test_record.py runs it with a tiny config",
 }
 SERVERS = {"tensorboard --logdir": "TensorBoard"}  # runs until stopped: started, awaited, stopped
 
 
 def commands() -> list[str]:
-    """Every command of the README's bash blocks, continuation lines joined, comments dropped."""
+    """Every command of the pages' bash blocks, continuation lines joined, comments dropped."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(page.read_text() for page in PAGES), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = without_comment(line).strip()
             if line:
@@ -102,7 +106,7 @@ def adapt(cmd: str, repo: Path) -> str:
         cmd += " --max-bytes 65536"  # the enwik8 test split is 5 MB
     if "scripts.benchmark" in cmd:
         cmd += f" --steps 1 --warmup 0 {TINY}"
-    if "scripts.ablate" in cmd:
+    if "dev.ablate" in cmd:
         cmd = cmd.replace("--budget 25", "--budget 0.2").replace("--seeds 1 2", "--seeds 1")
         cmd = re.sub(r'--variant "(\w+):([^"]*)"', rf'--variant "\1:\2 {TINY}"', cmd)
         cmd = cmd.replace("--variant base", f'--variant "base:{TINY}"')
@@ -111,7 +115,7 @@ def adapt(cmd: str, repo: Path) -> str:
 
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
-    """Each command of the README, in order, exits 0 in a fresh copy of the repository."""
+    """Each command of the README and its command pages, in order, exits 0 in a fresh copy of the repository."""
     repo = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -143,6 +147,6 @@ def test_every_readme_command_runs_as_written(tmp_path):
             proc.wait()
         else:
             done = finish(proc, 600)
-            assert done.returncode == 0, f"README command failed: {line}\n{done.stdout[-3000:]}"
+            assert done.returncode == 0, f"command of README.md or docs/ failed: {line}\n{done.stdout[-3000:]}"
         ran.append(cmd)
     assert len(ran) >= 25 and all(elsewhere), elsewhere

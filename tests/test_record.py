@@ -1,4 +1,4 @@
-"""scripts/record.py: real training runs per seed, the record's files, the significance verdicts; bad input
+"""dev/record.py: real training runs per seed, the record's files, the significance verdicts; bad input
 is one line before any run."""
 
 import json
@@ -32,7 +32,7 @@ def test_a_record_holds_every_run_its_curves_and_verdicts(tmp_path):
     prepare(data, [TINY_TEXT.encode()], ["tests"], 0.1, 0.1)  # with a test split, for --test
     config = tiny_config(tmp_path, data)
     out = tmp_path / "record"
-    proc = run_script("-m", "scripts.record", "--out", out, "--seeds", "1", "2", "--device", "cpu", "--test",
+    proc = run_script("-m", "dev.record", "--out", out, "--seeds", "1", "2", "--device", "cpu", "--test",
                       "--run", f"small={config}", "--run", f"rope={config} model.pos_emb=rope",
                       "--target", "small:9.0", "--target", "rope:0.01", timeout=300, check=True)
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
@@ -44,7 +44,7 @@ def test_a_record_holds_every_run_its_curves_and_verdicts(tmp_path):
     assert all(next((out / d).glob("*.metrics.jsonl")).is_file() for d in ("small-s1", "rope-s2"))
     assert (out / "curves.png").stat().st_size > 1000 and (out / "curves.svg").is_file()
     readme = (out / "README.md").read_text()
-    assert "python -m scripts.record --out" in readme and "| small | " in readme
+    assert "python -m dev.record --out" in readme and "| small | " in readme
     assert "**small** against 9.0: " in readme and "(reached)" in readme.split("**small** against 9.0")[1].split("\n")[0]
     assert "(not shown)" in readme.split("**rope** against 0.01")[1].split("\n")[0]
     assert "test bits per byte" in proc.stdout
@@ -55,7 +55,7 @@ def test_a_record_side_by_side_with_nanogpt(tmp_path, tiny_data):
     """With a real nanoGPT checkout (Tiny Shakespeare prepared there): its run takes its turn and every run gets
     a time ratio against it."""
     out = tmp_path / "record"
-    run_script("-m", "scripts.record", "--out", out, "--seeds", "1", "--device", "cpu", "--nanogpt",
+    run_script("-m", "dev.record", "--out", out, "--seeds", "1", "--device", "cpu", "--nanogpt",
                os.environ["NANOGPT"], "--run", f"small={tiny_config(tmp_path, tiny_data)}", timeout=900, check=True)
     assert "x nanoGPT's (median over seeds" in (out / "README.md").read_text()
     assert (out / "nanogpt-s1.log").read_text().count("iter ") >= 2000
@@ -69,7 +69,7 @@ def test_a_record_side_by_side_with_nanogpt(tmp_path, tiny_data):
     (["--run", "a=configs/cpu_quickstart.yaml", "--seeds", "1", "1"], "--seeds must differ"),
 ])
 def test_bad_input_is_one_line_before_any_run(tmp_path, args, says):
-    proc = run_script("-m", "scripts.record", "--out", tmp_path / "r", *args, timeout=120)
+    proc = run_script("-m", "dev.record", "--out", tmp_path / "r", *args, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists()
 
@@ -77,16 +77,16 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, args, says):
 def test_an_existing_record_is_never_overwritten(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "README.md").write_text("kept")
-    proc = run_script("-m", "scripts.record", "--out", tmp_path / "r", "--run", "a=configs/cpu_quickstart.yaml",
+    proc = run_script("-m", "dev.record", "--out", tmp_path / "r", "--run", "a=configs/cpu_quickstart.yaml",
                       timeout=120)
     assert proc.returncode == 2 and "is never overwritten" in proc.stderr
     assert (tmp_path / "r" / "README.md").read_text() == "kept"
 
 
 def test_gpu_track_trains_for_the_seconds_given_and_prints_its_speed(tmp_path, tiny_data):
-    """scripts/gpu_track.sh on a CPU: a run planned far longer is stopped by the timeout's SIGTERM (it saves and
+    """dev/gpu_track.sh on a CPU: a run planned far longer is stopped by the timeout's SIGTERM (it saves and
     exits), and the one summary line gives its steps, tokens/s and MFU."""
-    proc = run_script_bash("scripts/gpu_track.sh", tiny_config(tmp_path, tiny_data), "12", "--device", "cpu",
+    proc = run_script_bash("dev/gpu_track.sh", tiny_config(tmp_path, tiny_data), "12", "--device", "cpu",
                            "train.max_steps=1000000", "train.log_every=5", "eval.every=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
@@ -97,7 +97,7 @@ def test_gpu_track_trains_for_the_seconds_given_and_prints_its_speed(tmp_path, t
 
 @pytest.mark.parametrize("args", [[], ["configs/cpu_quickstart.yaml"], ["configs/cpu_quickstart.yaml", "3s"]])
 def test_gpu_track_usage_is_one_line(args):
-    proc = run_script_bash("scripts/gpu_track.sh", *args)
+    proc = run_script_bash("dev/gpu_track.sh", *args)
     assert proc.returncode == 2 and proc.stderr.startswith("error: usage: ") and proc.stderr.count("\n") == 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-OURS = {"data", "models", "scripts", "utils", "train_single", "train_ddp", "inference", "tests",
+OURS = {"data", "models", "scripts", "dev", "utils", "train_single", "train_ddp", "inference", "tests",
         *(p.stem for p in (ROOT / "tests").rglob("*.py")), *(p.name for p in (ROOT / "tests").iterdir() if p.is_dir())}
 
 
@@ -64,7 +64,7 @@ def distributions(imports: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def product_files() -> list[Path]:
-    return [*(p for d in ("data", "models", "utils", "scripts") for p in (ROOT / d).rglob("*.py")),
+    return [*(p for d in ("data", "models", "utils", "scripts", "dev") for p in (ROOT / d).rglob("*.py")),
             *(ROOT / f"{n}.py" for n in ("train_single", "train_ddp", "inference"))]
 
 
@@ -80,6 +80,6 @@ def test_what_training_imports_at_start_is_in_requirements_txt():
     """Module-level imports of the library and the entry points need only requirements.txt; optional extras
     (pyarrow, wandb, matplotlib, transformers) are imported where they are used, with a one-line error."""
     listed = requirements("requirements.txt")
-    files = [p for p in product_files() if p.parent.name != "scripts"]
+    files = [p for p in product_files() if p.parent.name not in ("scripts", "dev")]
     missing = {d: sorted(w)[:3] for d, w in distributions(third_party_imports(files, True)).items() if d not in listed}
     assert not missing, f"imported at module level but not in requirements.txt: {missing}"

@@ -12,7 +12,7 @@ from models.config_loader import load_config
 from utils.distributed.process_group import DistInfo
 from utils.metrics.logger import MetricsLogger
 from utils.train.optim import Muon, build_optimizer, lr_at, newton_schulz, stacks
-from utils.train.run import build_trainer, load_data, resolve_run_precision
+from utils.train.run import agree_precision, build_trainer, load_data, resolved
 from utils.train.health import TrainingDiverged
 from utils.train.trainer import Trainer
 
@@ -21,7 +21,8 @@ CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
 def make_trainer(data_dir, tmp_path, **overrides) -> Trainer:
     cfg = load_config(None, tiny_overrides(data_dir, tmp_path, **overrides))
-    cfg, precision = resolve_run_precision(cfg, CPU, None)
+    precision = agree_precision(cfg, CPU, None)
+    cfg = resolved(cfg, precision, steps_per_epoch=0)
     plan, val_data = load_data(cfg, CPU)
     return build_trainer(cfg, precision, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
@@ -162,6 +163,19 @@ def test_muon_adamw_part_is_torch_adamw():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_muon_allocates_its_state_once(monkeypatch):
+    """After the first step no optimizer state is allocated again: each step reuses the same buffers."""
+    opt, matrices, adam, _ = muon_and_reference()
+    for p in matrices + adam:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    buffers = [opt.state[p]["momentum_buffer"].data_ptr() for p in matrices]
+    zeros = []
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: zeros.append(a) or torch.empty(0))
+    opt.step()
+    assert not zeros and [opt.state[p]["momentum_buffer"].data_ptr() for p in matrices] == buffers
+
+
 def test_muon_update_is_the_orthogonalised_nesterov_momentum():
     """Each matrix moves by -lr * sqrt(max(1, rows/cols)) * NS(g + m * (buf - g)), buf the momentum of its
     gradients, after decoupled decay: computed here one matrix at a time, in the optimizer as stacks."""
@@ -195,3 +209,24 @@ def test_newton_schulz_is_near_orthogonal():
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         cos = torch.nn.functional.cosine_similarity(newton_schulz(g, dtype=dtype).float().flatten(), (u @ vh).flatten(), dim=0)
         assert cos > 0.9
+
+
+def test_epochs_set_the_run_s_steps_and_its_schedule(tiny_data, tmp_path, capsys):
+    """train.epochs=2 (train.max_steps=0): the start line says how many steps that is, the run takes them, and
+    the LR schedule ends at its floor on the last one; config.yaml records the steps it came to."""
+    import yaml
+
+    import train_single
+    from utils.checkpoint.format import load_checkpoint
+
+    overrides = tiny_overrides(tiny_data, tmp_path, train__max_steps=0, train__epochs=2, train__batch_size=32,
+                               train__eval_every=0, train__save_every=0, train__log_every=100)
+    assert train_single.main(overrides) == 0
+    out = capsys.readouterr().out
+    per_epoch = int(out.split("train.epochs=2: ")[1].split(" steps (")[1].split()[0])
+    steps = 2 * per_epoch
+    assert f"train.epochs=2: {steps} steps ({per_epoch} per epoch)" in out and f"done: {steps} steps" in out
+    saved = load_checkpoint(tmp_path / "ckpt" / "last_checkpoint.pt")
+    assert saved["trainer"]["step"] == steps
+    assert saved["scheduler"]["_last_lr"][-1] == pytest.approx(1.0e-4)  # schedule.min_lr (tiny_overrides)
+    assert yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())["train"]["max_steps"] == steps

@@ -1,4 +1,4 @@
-"""scripts/vs_nanogpt.py: bad input is one line; with a nanoGPT checkout in $NANOGPT, one real pair runs."""
+"""dev/vs_nanogpt.py: bad input is one line; with a nanoGPT checkout in $NANOGPT, one real pair runs."""
 
 import json
 import os
@@ -10,21 +10,21 @@ from conftest import run_script, tiny_overrides
 
 
 def test_a_folder_without_nanogpt_is_refused(tmp_path):
-    proc = run_script("-m", "scripts.vs_nanogpt", "--nanogpt", tmp_path, timeout=120)
+    proc = run_script("-m", "dev.vs_nanogpt", "--nanogpt", tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not a nanoGPT checkout" in proc.stderr
 
 
 def test_a_model_nanogpt_cannot_express_is_refused(tmp_path):
     (tmp_path / "train.py").write_text("")
     (tmp_path / "configurator.py").write_text("")
-    proc = run_script("-m", "scripts.vs_nanogpt", "--nanogpt", tmp_path, "model.pos_emb=rope", timeout=120)
+    proc = run_script("-m", "dev.vs_nanogpt", "--nanogpt", tmp_path, "model.pos_emb=rope", timeout=120)
     assert proc.returncode == 2 and "nanoGPT's model is GPT-2's" in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(not os.environ.get("NANOGPT"), reason="set NANOGPT to a nanoGPT checkout to run it")
 def test_one_pair_against_nanogpt(tiny_data, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_data, tmp_path) if not o.startswith("model.ffn_dim")]
-    proc = run_script("-m", "scripts.vs_nanogpt", "--nanogpt", Path(os.environ["NANOGPT"]), "--rounds", "1", "--steps",
+    proc = run_script("-m", "dev.vs_nanogpt", "--nanogpt", Path(os.environ["NANOGPT"]), "--rounds", "1", "--steps",
                       "3", "--warmup", "1", *overrides, "model.ffn_dim=128", timeout=300, check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["median_ratio"] > 0 and len(summary["pairs"]) == 1 and "| **median** |" in proc.stdout

@@ -71,6 +71,16 @@ def local_gpu(local_rank: int) -> int:
     return local_rank
 
 
+def check_gpu_per_rank(backend: str, device: torch.device) -> None:
+    """NCCL needs a GPU of its own for each process: torchrun's workers that see one GPU between them would all
+    take cuda:0 and end in NCCL's "Duplicate GPU detected" (gloo shares a GPU, as gpu_check does on purpose)."""
+    workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's workers on this node, which all see alike
+    if backend == "nccl" and device.type == "cuda" and workers > torch.cuda.device_count() == 1:
+        raise UserError(f"torchrun started {workers} processes on this node, but they see one GPU between them, "
+                        f"and NCCL needs one per process; start --nproc_per_node=1, make more GPUs visible "
+                        f"(CUDA_VISIBLE_DEVICES), or use distributed.backend=gloo")
+
+
 def _current(device: torch.device) -> torch.device:
     torch.cuda.set_device(device)
     return device

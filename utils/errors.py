@@ -26,6 +26,8 @@ from types import TracebackType
 from pathlib import Path
 from typing import Callable
 
+from utils.text import undecodable
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USER = 2
@@ -39,10 +41,44 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line through run_cli, like every other user error."""
+    """argparse whose usage errors are one line through run_cli, like every other user error. Every numeric
+    argument takes its `type` from `number`, so no script sees inf, nan or a count that is not whole."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def number(kind: type[int] | type[float], low: float, high: float, unit: str,
+           above: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type`: a finite `kind` (int: a whole number, written as one) from `low` (excluded when `above`)
+    to `high`, its unit named in the refusal."""
+    def show(x: float) -> str:
+        return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+    bounds = f"above {show(low)} and at most {show(high)}" if above else f"from {show(low)} to {show(high)}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):  # "2.5" for a count, "x", an int of 5000 digits
+            value = None
+        # comparisons with nan are false: nan and inf fail here too
+        if value is None or not ((low < value) if above else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'} {bounds} "
+                                             f"({unit}), got {one_line(text)[:40]!r}")
+        return value
+
+    parse.__name__ = unit  # what argparse names in its own messages
+    return parse
+
+
+def utf8_text(text: str) -> str:
+    """An argparse `type` for a path or other text a library encodes strictly (TensorBoard and torch.save a path,
+    matplotlib a title): bytes that are not UTF-8 are refused at start, not after work was done and files written."""
+    problem = undecodable(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem} ({one_line(text)[:60]!r}); give UTF-8 text (a path: rename the file)")
+    return text
 
 
 def _escape(c: str) -> str:

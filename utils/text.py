@@ -19,6 +19,18 @@ def to_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def undecodable(text: str) -> str | None:
+    """Where text holds bytes that were not UTF-8 (kept by Python as lone surrogates), or None. Such a path
+    works for open() but not for libraries that encode strictly (TensorBoard, torch.save)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(e.object[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character {e.object[e.start]!r}"
+        return f"{what} at position {e.start} is not UTF-8"
+    return None
+
+
 def encoding_problem(text: str) -> str | None:
     """Why text cannot become bytes (a lone surrogate such as a YAML "\\ud800"), or None."""
     try:

@@ -1,5 +1,5 @@
 """train_single.py with a bug planted in the training step (an error no code expects), to show what the
-error boundary makes of a real bug. The probe wraps Trainer.train_step from outside."""
+error boundary makes of a real bug. The probe replaces Trainer.advance from outside."""
 
 import sys
 
@@ -12,5 +12,5 @@ def planted_bug(self: Trainer):
 
 
 if __name__ == "__main__":
-    Trainer.train_step = planted_bug
+    Trainer.advance = planted_bug
     sys.exit(train_single.main())

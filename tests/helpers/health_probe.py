@@ -15,21 +15,20 @@ from pathlib import Path
 
 import train_single
 from utils.train.guard import HealthGuard
-from utils.train.health import log_z, robust_z
 
 
 def probe(out: Path) -> None:
-    judge = HealthGuard.judge
+    judge, steps = HealthGuard.judge, [0]
 
-    def recorded(self: HealthGuard, loss: float, norm: float) -> bool:
-        d = self.detector
-        armed = d.armed()
-        row = {"step": self.t.step + 1, "loss": loss, "norm": norm,
-               "loss_z": robust_z(loss, list(d.losses), self.cfg.min_rel_rise) if armed else None,
-               "norm_z": log_z(norm, list(d.log_norms)) if armed else None}
+    def recorded(self: HealthGuard, loss, norm, fault):
+        armed = self.detector.armed()  # a host read per step: fine for a probe
+        judged = judge(self, loss, norm, fault)
+        steps[0] += 1
+        row = {"step": steps[0], "loss": float(loss), "norm": float(norm),
+               "loss_z": float(judged["loss_z"]) if armed else None, "norm_z": float(judged["norm_z"]) if armed else None}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
-        return judge(self, loss, norm)
+        return judged
 
     HealthGuard.judge = recorded
 

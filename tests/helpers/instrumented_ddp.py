@@ -1,24 +1,32 @@
 """train_ddp.py with optional test probes, switched on by environment variables.
 
     RECORD_BATCHES=DIR                    each rank appends the windows it trains on to DIR/rank<R>.jsonl
-    RECORD_RANKS=DIR                      each rank writes its DistInfo, torchrun's GROUP_RANK and its parent's pid
-                                          (its torchrun agent) to DIR/rank<R>.json
-    FAIL_RANK=1 FAIL_AT_STEP=2            that rank raises in train_step at that step (a fault, not a hang)
+    RECORD_RANKS=DIR                      each rank writes its DistInfo (backend None: no group), torchrun's
+                                          GROUP_RANK and its parent's pid (its torchrun agent) to DIR/rank<R>.json
+    FAIL_RANK=1 FAIL_AT_STEP=2            that rank raises in Trainer.advance at that step (a fault, not a hang)
     RANK1_OVERRIDES="optim.lr=0.5 ..."    overrides appended on rank 1 only: ranks that disagree
     RECORD_THREADS=DIR                    each rank writes how many gloo worker threads its process group
                                           started, and how many are left once train_ddp.main returned (or raised)
+    COUNT_BROADCASTS=DIR                  each rank writes how many coalesced broadcasts (DDP's buffer sync)
+                                          it made after DDP was built, and the wrapped model's buffers
+    SLOW_SAVE_S=SECONDS                   each checkpoint file is written that many seconds late (a big model's save)
 
-The probes wrap Trainer/BatchPlan methods from outside, so the product code carries no test hooks.
+The probes wrap the library's methods and functions from outside, so the product code carries no test hooks.
 """
 
 import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
+import torch.distributed as dist
+
 import train_ddp
+import utils.checkpoint.folder as checkpointer
+from utils.distributed import parallel
 from utils.train import run
 from data.dataset import BatchPlan
 from utils.train.trainer import Trainer
@@ -45,21 +53,22 @@ def record_ranks(out: Path) -> None:
         init(self, *args, **kwargs)
         info = self.info
         record = {"rank": info.rank, "local_rank": info.local_rank, "world_size": info.world_size,
-                  "device": str(info.device), "group_rank": int(os.environ["GROUP_RANK"]), "agent_pid": os.getppid()}
+                  "device": str(info.device), "backend": info.backend, "group_rank": int(os.environ["GROUP_RANK"]),
+                  "agent_pid": os.getppid()}
         (out / f"rank{info.rank}.json").write_text(json.dumps(record))
 
     Trainer.__init__ = recording_init
 
 
 def fail_at(rank: int, step: int) -> None:
-    train_step = Trainer.train_step
+    advance = Trainer.advance
 
-    def failing_train_step(self: Trainer):
+    def failing_advance(self: Trainer):
         if self.info.rank == rank and self.step == step:
             raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-        return train_step(self)
+        return advance(self)
 
-    Trainer.train_step = failing_train_step
+    Trainer.advance = failing_advance
 
 
 def gloo_workers() -> int:
@@ -86,6 +95,41 @@ def record_threads() -> dict:
     return record
 
 
+def count_broadcasts() -> dict:
+    """DDP's constructor broadcasts the weights once; after that, a buffer sync is the only coalesced broadcast."""
+    wrap, broadcast = parallel.ddp_wrap, dist._broadcast_coalesced
+    record = {"after_wrap": 0}
+
+    def counting_broadcast(*args, **kwargs):
+        record["after_wrap"] += 1
+        return broadcast(*args, **kwargs)
+
+    def counting_wrap(model, info, cfg):
+        wrapped = wrap(model, info, cfg)
+        record["buffers"] = [name for name, _ in wrapped.named_buffers()]
+        dist._broadcast_coalesced = counting_broadcast
+        return wrapped
+
+    parallel.ddp_wrap = counting_wrap
+    return record
+
+
+def slow_save(seconds: float) -> None:
+    save = checkpointer.save_checkpoint
+
+    def slow(*args, **kwargs) -> None:
+        time.sleep(seconds)
+        save(*args, **kwargs)
+
+    checkpointer.save_checkpoint = slow
+
+
+def write_record(variable: str, record: dict) -> None:
+    out = Path(os.environ[variable])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
     if "RECORD_BATCHES" in os.environ:
         record_batches(Path(os.environ["RECORD_BATCHES"]))
@@ -93,13 +137,16 @@ if __name__ == "__main__":
         record_ranks(Path(os.environ["RECORD_RANKS"]))
     if "FAIL_RANK" in os.environ:
         fail_at(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_AT_STEP"]))
+    if "SLOW_SAVE_S" in os.environ:
+        slow_save(float(os.environ["SLOW_SAVE_S"]))
     if os.environ.get("RANK") == "1" and "RANK1_OVERRIDES" in os.environ:
         sys.argv += os.environ["RANK1_OVERRIDES"].split()
     threads = record_threads() if "RECORD_THREADS" in os.environ else None
+    broadcasts = count_broadcasts() if "COUNT_BROADCASTS" in os.environ else None
     try:
         sys.exit(train_ddp.main())
     finally:
         if threads is not None:
-            out = Path(os.environ["RECORD_THREADS"])
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({**threads, "after": gloo_workers()}))
+            write_record("RECORD_THREADS", {**threads, "after": gloo_workers()})
+        if broadcasts is not None:
+            write_record("COUNT_BROADCASTS", broadcasts)

@@ -4,7 +4,7 @@
     RECORD_SCALE=DIR                    each rank appends (step, GradScaler scale) after every step to
                                         DIR/rank<R>.jsonl
 
-The probes wrap Trainer.train_step from outside, so the product code carries no test hooks.
+The probes wrap Trainer.advance from outside, so the product code carries no test hooks.
 """
 
 import json
@@ -17,24 +17,25 @@ from utils.train.trainer import Trainer
 
 
 def poison(rank: int, steps: str, record: Path | None) -> None:
-    train_step = Trainer.train_step
+    advance = Trainer.advance
 
-    def poisoned_train_step(self: Trainer):
+    def poisoned_advance(self: Trainer):
         hook = None
         if self.info.rank == rank and (steps == "all" or str(self.step) in steps.split(",")):
             # a NaN loss: its gradients, all-reduced, are NaN on every rank, but only this rank sees the loss
             hook = self.raw.register_forward_hook(lambda m, args, out: (out[0], out[1] * float("nan")))
         try:
-            out = train_step(self)
+            advance(self)
         finally:
             if hook is not None:
                 hook.remove()
-        if record is not None:
+        if record is not None:  # the step read back at once (it changes no result, only when they are read)
+            self.read()
             with open(record / f"rank{self.info.rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "scale": self.scaler.get_scale(), "applied": out[2]}) + "\n")
-        return out
+                f.write(json.dumps({"step": self.step, "scale": self.scaler.get_scale(),
+                                    "applied": self.last_applied}) + "\n")
 
-    Trainer.train_step = poisoned_train_step
+    Trainer.advance = poisoned_advance
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ Layout of the folder (checkpoint.dir):
     last_checkpoint.pt  a hard link to the newest step file
     best_model.pt       the lowest validation loss so far
     config.yaml         the resolved config of the run
+    .writer.lock        while a run writes here: its claim on the folder (utils/folder_lock.py)
 (FSDP: step_NNNNNNN/ and best_model/ folders instead, utils/checkpoint/sharded.py.) Every file is
 written atomically (utils/checkpoint/format.py). Pruning removes only step files older than the one just
 written and verified, so a stray or corrupt file can never cost the newest loadable checkpoint.
-Nothing is written before the run is accepted (`accept`).
+Rank 0 claims the folder (`claim`, utils/folder_lock.py) before it looks at what the folder holds, and keeps
+it until `release`: two runs started into one folder at once cannot both pass "already holds a run" and mix
+their files. Apart from that claim, nothing is written before the run is accepted (`accept`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from utils.checkpoint.format import (MODEL, OPTIMIZER, TRAINER, CheckpointError,
                               load_model_weights, save_checkpoint)
 from utils.checkpoint.reader import read_state
 from utils.distributed.process_group import DistInfo, broadcast_object
+from utils.folder_lock import FolderBusy, FolderLock
 
 STEP_FILE = re.compile(r"step_(\d{7,})\.pt")
 STEP_DIR = re.compile(r"step_(\d{7,})")
@@ -46,6 +50,7 @@ class Checkpointer:
         self.dir, self.keep_last, self.info = Path(directory), keep_last, info
         self.verify = verify  # checksums at load: every byte read once more (~0.2 s per GB, docs/benchmarks.md)
         self.sharded = sharded  # FSDP: one DCP folder per save (utils/checkpoint/sharded.py), written by every rank
+        self.lock: FolderLock | None = None  # rank 0's claim on the folder, from claim until release
 
     def step_path(self, step: int) -> Path:
         """Where step N is saved: step_NNNNNNN.pt, or the folder step_NNNNNNN/ when sharded."""
@@ -70,8 +75,30 @@ class Checkpointer:
         names = ", ".join(p.name for p in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
         return CheckpointError(f"{self.dir} {why} ({names}); nothing was changed")
 
+    def claim(self) -> None:
+        """Collective, before find_resume: rank 0 claims the folder for this run until `release` (creating it),
+        so a second run started into it at once is refused on every rank instead of mixing its files in."""
+        error = None
+        if self.info.is_main and self.lock is None:
+            try:
+                self.lock = FolderLock(self.dir, "a training run").acquire()
+            except FolderBusy as e:
+                error = str(e)
+            except OSError as e:
+                error = f"checkpoint.dir={self.dir} cannot be written ({e.strerror}); choose another folder"
+        error = broadcast_object(error, self.info)
+        if error:
+            raise CheckpointError(error)
+
+    def release(self) -> None:
+        """Give the folder back, and remove it if claim made it and nothing was written: at the end of the run
+        and on every path out of it. Idempotent; a no-op on ranks other than 0."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def find_resume(self, resume: str | None, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
-        """What this start continues from: None for a fresh start; raises to refuse. Rank 0 only."""
+        """What this start continues from: None for a fresh start; raises to refuse. Rank 0 only, after claim."""
         present = self.run_files()
         if resume is None:
             if present:
@@ -144,17 +171,14 @@ class Checkpointer:
         """The run passed every check: create the folder, clear dead temporaries, record the config."""
         if self.info.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+        if self.lock:  # rank 0's claim rules out a live writer: any temporary is a dead one's
             for tmp in self.dir.glob(".*.tmp"):  # left by a process killed mid-save; never complete
                 tmp.unlink(missing_ok=True)
             if self.sharded:  # only sharded saves leave folders (and importing DCP costs ~1.5 s)
                 from utils.checkpoint import sharded as sharded_checkpoint
 
                 sharded_checkpoint.remove_stale_temporaries(self.dir)
-        self.record_config(config_yaml)
-
-    def record_config(self, config_yaml: str) -> None:
-        """config.yaml, rewritten when the run changes a setting itself (the micro-batch after out-of-memory)."""
-        if self.info.is_main:
+        if self.info.is_main:  # the run's resolved config, once (a back-off's micro-batch is trainer state)
             atomic_write(self.dir / CONFIG_FILE, lambda f: f.write(config_yaml.encode()))
 
     def _collective(self, write: Callable[[], Path]) -> Path:

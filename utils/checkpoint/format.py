@@ -145,16 +145,20 @@ def load_checkpoint(path: str | Path, mmap: bool = False, verify: bool = True) -
     return state
 
 
-def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a readable list of every key whose presence or shape differs."""
-    own = model.state_dict()
-    problems = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-                for k, v in own.items() if k in weights and weights[k].shape != v.shape]
-    problems += [f"{k}: missing from checkpoint" for k in own if k not in weights]
-    problems += [f"{k}: not in model" for k in weights if k not in own]
+def check_shapes(own: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse in one line weights whose names or shapes differ from the model's, listing each difference."""
+    problems = [f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(v)}"
+                for k, v in own.items() if k in saved and tuple(saved[k]) != tuple(v)]
+    problems += [f"{k}: missing from checkpoint" for k in own if k not in saved]
+    problems += [f"{k}: not in model" for k in saved if k not in own]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(f"{source} holds a different model shape: {shown}")
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a readable list of every key whose presence or shape differs."""
+    check_shapes({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in weights.items()}, source)
     model.load_state_dict(weights)
 
 
@@ -162,7 +166,10 @@ def build_model(state: dict, source: str | Path, device: torch.device, dtype: to
     """The model a loaded checkpoint describes, holding its weights, in eval mode."""
     model = GPT(config_from_dict(state[CONFIG]).model)
     load_model_weights(model, state[MODEL], str(source))
-    return model.to(device=device, dtype=dtype).eval()
+    # the parameters only: Module.to(dtype) casts buffers too, and the RoPE tables stay fp32 as in training
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.to(device).eval()
 
 
 # -- RNG -----------------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from utils.checkpoint.format import (CONFIG, FORMAT, MODEL, OPTIMIZER, CheckpointError, check_state,
+from utils.checkpoint.format import (CONFIG, FORMAT, MODEL, OPTIMIZER, CheckpointError, check_shapes, check_state,
                                      verify_crc)
 
 EXTRA = "extra.pt"
@@ -154,10 +155,25 @@ def read_extra(folder: str | Path, verify: bool = True) -> dict:
     return extra
 
 
+def check_model_shapes(folder: str | Path, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse in one line a folder whose saved weights differ in names or shapes from `weights` (the model its
+    extra.pt describes, or the one it is loaded into): DCP would fail deep inside with a traceback as its message.
+    A sharded model's tensors are DTensors, whose shape is the whole tensor's."""
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"{folder}: its {METADATA} is unreadable ({type(e).__name__}); use another checkpoint") \
+            from None
+    prefix = f"{MODEL}."
+    shapes = {k[len(prefix):]: getattr(v, "size", ()) for k, v in saved.items() if k.startswith(prefix)}
+    check_shapes({k: v.shape for k, v in weights.items()}, shapes, str(folder))
+
+
 def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective: load model and optimizer state in place, resharded to this world size; returns extra."""
     extra = read_extra(folder, verify=False)  # verified when chosen (Checkpointer.load)
     model_state, optim_state = get_state_dict(model, optimizer)
+    check_model_shapes(folder, model_state)
     state = {MODEL: model_state, OPTIMIZER: optim_state}
     dcp.load(state, checkpoint_id=str(folder))  # the caller has checked the model config matches
     set_state_dict(model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER])
@@ -168,6 +184,7 @@ def load_sharded_weights(folder: str | Path, model: nn.Module) -> None:
     """Collective: a folder's weights alone into model (plain or FSDP-sharded), resharded to this world size:
     each rank reads only its part. The caller has checked the model config matches."""
     weights = get_model_state_dict(model)
+    check_model_shapes(folder, weights)
     dcp.load({MODEL: weights}, checkpoint_id=str(folder))
     set_model_state_dict(model, weights)
 
@@ -186,11 +203,12 @@ def full_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]
 
     extra = read_extra(folder)
     weights = GPT(config_from_dict(extra[CONFIG]).model).state_dict()  # the keys and shapes to read
+    check_model_shapes(folder, weights)
     try:
         with warnings.catch_warnings():  # one process without a process group is the intent here
             warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
             dcp.load({MODEL: weights}, checkpoint_id=str(folder))
-    except Exception as e:  # DCP wraps each rank's failure in its own exception types
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in its own (a BaseException)
         raise CheckpointError(f"{folder} could not be read as its config's model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return weights, extra

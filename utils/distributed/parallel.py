@@ -13,6 +13,8 @@ model, and the weights are the ones every other strategy starts from (models/ini
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -25,15 +27,20 @@ from utils.precision import Precision
 def ddp_wrap(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
     if info.world_size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-        static_graph=cfg.static_graph)
+    ddp = nn.parallel.DistributedDataParallel
+    # the only buffers, the RoPE tables, are a function of the config and alike on every rank: no broadcast of
+    # them from rank 0 before each forward (the flag's name from torch 2.13, which deprecates broadcast_buffers)
+    flag = "forward_sync_buffers"
+    if flag not in inspect.signature(ddp).parameters:
+        flag = "broadcast_buffers"
+    return ddp(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, **{flag: False},
+               bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+               static_graph=cfg.static_graph)
 
 
 def shards(cfg: DistributedConfig, info: DistInfo) -> bool:
     """FSDP over several ranks: the model is sharded, so it is built on the meta device (materialize)."""
-    return cfg.strategy == "fsdp" and info.world_size > 1
+    return cfg.sharded and info.world_size > 1
 
 
 def fsdp_wrap(model: nn.Module, info: DistInfo, precision: Precision) -> nn.Module:
@@ -101,9 +108,31 @@ def compiled_as(model: nn.Module) -> str | None:
 def parallelize(model: nn.Module, info: DistInfo, cfg: DistributedConfig, precision: Precision) -> nn.Module:
     """The model as distributed.strategy wants it for training on info.world_size processes, in the run's
     resolved precision (never the config's `auto`)."""
-    if cfg.strategy == "fsdp":
+    if cfg.sharded:
         return fsdp_wrap(model, info, precision)
     return ddp_wrap(model, info, cfg)
+
+
+def finish_reduction(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reducer_waits: bool) -> bool:
+    """After this rank's forward or backward failed (out of memory), take its part in the gradient all-reduce
+    that the other ranks wait in, with zero gradients, so that the group meets again; False where that cannot
+    be done: under FSDP every forward and backward gathers and scatters block by block, which a rank that
+    failed half-way cannot replay.
+
+    A tiny batch through DDP, whose forward prepares the reducer; or, where the reducer already waits for
+    this step's backward (the failure was in it), through the plain module, whose gradients' hooks still
+    report to that reducer. Fails (False) if the failed backward had already reported some of them."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    x, y = (t[:1, :1] for t in batch)
+    try:
+        _, loss = (unwrap(model) if reducer_waits else model)(x, y)
+        (loss * 0).backward()
+    except (torch.OutOfMemoryError, RuntimeError):
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return True
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

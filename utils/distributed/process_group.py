@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch.distributed.nn  # noqa: F401  before any group: its functions' defa
 import torch.nn as nn
 
 from models.config import DistributedConfig
-from utils.device import resolve_device
+from utils.device import check_gpu_per_rank, resolve_device
 from utils.errors import UserError
 from utils.malloc import return_freed_memory
 from utils.distributed.rendezvous import env_ranks, join
@@ -37,7 +38,8 @@ class DistInfo:
 
 @contextmanager
 def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iterator[DistInfo]:
-    """The process group for the with-block if launched by torchrun or srun, otherwise a world of one.
+    """The process group for the with-block if launched by torchrun or srun, otherwise a world of one: no group,
+    unless distributed.backend names one, which then starts for real in a group of one (_group_of_one).
 
     The group gets a store of its own (utils/distributed/rendezvous.py: a restarted group must not read the keys of
     the one before) and a watchdog (utils/distributed/watchdog.py: a rank that ends early ends the others at once).
@@ -46,18 +48,24 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
     """
     rank, local_rank, world_size = env_ranks()
     device = resolve_device(device_arg, local_rank)
-    if world_size == 1:
-        yield DistInfo(0, 0, 1, device, None)
-        return
-    if device.type == "cpu" and cfg.strategy == "fsdp":
-        return_freed_memory()  # before the model: glibc would keep FSDP's gathered blocks (utils/malloc.py)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise UserError(f"distributed.backend=nccl runs on CUDA devices only, and this rank runs on {device}; use "
                         f"distributed.backend=gloo (or auto)")
+    check_gpu_per_rank(backend, device)
+    if world_size == 1:
+        if cfg.backend == "auto":
+            yield DistInfo(0, 0, 1, device, None)
+        else:  # a backend named for one rank (gpu_check's NCCL row) is started for real, not skipped
+            with _group_of_one(backend, device) as info:
+                yield info
+        return
+    if device.type == "cpu" and cfg.sharded:
+        return_freed_memory()  # before the model: glibc would keep FSDP's gathered blocks (utils/malloc.py)
     timeout = timedelta(seconds=cfg.timeout_s)
     store, host = join(rank, world_size, timedelta(seconds=cfg.join_timeout_s))
     store.set_timeout(timeout)
+    _stores[:] = [store]
     watchdog = Watchdog(store, rank, world_size, host)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
@@ -72,6 +80,21 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
     watchdog.stop(finished=True)
 
 
+@contextmanager
+def _group_of_one(backend: str, device: torch.device) -> Iterator[DistInfo]:
+    """A one-rank group of `backend` on an in-memory store (nothing to meet), its communicator made at once by
+    one all-reduce (NCCL makes it at the first collective); freed, as a group of many, when the block ends."""
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(1, device=device))
+        yield DistInfo(0, 0, 1, device, backend)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # as in process_group: the frames hold the model, the model the group
+        _free_group()
+        raise
+    _free_group()
+
+
 def _free_group() -> None:
     """Destroy the group and free it now, which joins its backend's threads. Otherwise it lives on in the
     objects that used it until interpreter exit, and a gloo worker still releasing the last collective's
@@ -82,6 +105,7 @@ def _free_group() -> None:
     for mesh in _meshes:  # DTensor's caches keep the mesh, and a mesh of newer torch its groups
         getattr(mesh, "_pg_registry", {}).clear()
     _meshes.clear()
+    _stores.clear()
     gc.collect()  # DDP's reducer, in a reference cycle
     # The last reference goes here, not in a reducer freed by the collection: ProcessGroup's own
     # destructor lets go of the GIL while it joins the workers, which may need it for that release.
@@ -89,6 +113,7 @@ def _free_group() -> None:
 
 
 _meshes: list[Any] = []  # the device meshes built on the current group (group_mesh), let go with it
+_stores: list[dist.Store] = []  # the current group's store (agree_by_store)
 
 
 def group_mesh(info: DistInfo) -> Any:
@@ -100,14 +125,6 @@ def group_mesh(info: DistInfo) -> Any:
     return mesh
 
 
-def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world_size == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / info.world_size
-
-
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size == 1:
         return t
@@ -116,13 +133,19 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if flag is True on any rank (e.g. a preemption signal)."""
-    if info.world_size == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def agree_by_store(key: str, value: str, info: DistInfo, timeout_s: float) -> list[str] | None:
+    """Every rank's value for key, in rank order, if every rank gives one within timeout_s; else None (a rank
+    that does not is inside a collective waiting for this one). Through the group's store, so a rank that
+    cannot join a collective can still ask."""
+    store = _stores[0]
+    store.set(f"{key}/{info.rank}", value)
+    keys = [f"{key}/{r}" for r in range(info.world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):  # not store.wait: its timeout logs C++ warnings on stderr
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return [store.get(k).decode() for k in keys]
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

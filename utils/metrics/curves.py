@@ -1,12 +1,11 @@
-"""Loss curves of training runs, read from their TensorBoard event files, their metrics.jsonl or a nanoGPT
-log, and their picture: what scripts/plot_runs.py and scripts/record.py draw. matplotlib is imported only
-to draw (requirements-dev.txt); training never imports this module.
+"""Loss curves of training runs, read from their TensorBoard event files or a nanoGPT log, and their
+picture: what scripts/plot_runs.py and dev/record.py draw. matplotlib is imported only to draw
+(requirements-dev.txt); training never imports this module.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,14 +25,6 @@ class Curve:
     train: list[tuple[int, float, float]] = field(default_factory=list)
     val: list[tuple[int, float, float]] = field(default_factory=list)
 
-
-
-def read_metrics(log_dir: Path) -> list[dict[str, float]]:
-    """The rows of the one run's metrics.jsonl in log_dir (logging.dir), in the order they were logged."""
-    found = sorted(Path(log_dir).glob("*.metrics.jsonl"))
-    if not found:
-        raise UserError(f"{log_dir} holds no *.metrics.jsonl: the run stopped before its logger started")
-    return [json.loads(line) for line in found[-1].read_text().splitlines()]
 
 def seconds_at(steps: list[int], known: list[tuple[int, float]]) -> list[float]:
     """Seconds of training at each step, interpolated between the steps where they were logged."""
@@ -86,12 +77,18 @@ def read_nanogpt_log(path: Path, name: str) -> Curve:
     return curve
 
 
-def read_runs(spec: str) -> list[Curve]:
-    """The runs one command-line argument names: [LABEL=]folder, glob or nanoGPT log."""
+def run_paths(spec: str) -> tuple[str, list[Path]]:
+    """(label or "", the paths) of one [LABEL=]folder, glob or nanoGPT log argument."""
     label, eq, target = spec.partition("=")
     if not eq or not label or "/" in label:
         label, target = "", spec
-    paths = [Path(p) for p in sorted(glob.glob(target))] if glob.has_magic(target) else [Path(target)]
+    return label, [Path(p) for p in sorted(glob.glob(target))] if glob.has_magic(target) else [Path(target)]
+
+
+def read_runs(spec: str) -> list[Curve]:
+    """The runs one command-line argument names: [LABEL=]folder, glob or nanoGPT log."""
+    label, paths = run_paths(spec)
+    target = spec[len(label) + 1:] if label else spec
     if not paths or not any(p.exists() for p in paths):
         raise UserError(f"{target} does not exist (pass a run's log folder, logging.dir, or a nanoGPT log)")
     curves = []

@@ -13,14 +13,11 @@ import contextlib
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import torch
 
 from models.config import LoggingConfig
-from utils.device import synchronize
 from utils.errors import UserError, describe_os_error
 from utils.metrics.flops import model_flops_utilization
 from utils.metrics.sinks import JsonlSink, WandbSink, require_wandb
@@ -37,30 +34,31 @@ def format_seconds(seconds: float) -> str:
 class ThroughputMeter:
     """Training time and throughput: only time inside optimizer steps counts (no evaluation,
     saving or start-up), tokens/s is over each log interval, the ETA is from this process's pace.
-    A step ends when the device has finished it: the step reads its loss before the optimizer runs, so on
-    a GPU the optimizer's kernels would otherwise still be queued when the clock stops."""
+    Steps are timed in laps, from `start` to the read that ends them (Trainer.read): the read waits for
+    the device, so the time is the device's, and no step has to wait for it on its own."""
 
-    def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float, peak: float | None,
-                 device: torch.device) -> None:
+    def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float, peak: float | None) -> None:
         self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
-        self.flops_per_token, self.peak, self.device = flops_per_token, peak, device
+        self.flops_per_token, self.peak = flops_per_token, peak
         self.train_seconds = 0.0  # restored on resume, so it counts the whole run
-        self.started = time.perf_counter()
+        self.started = self._lap_start = time.perf_counter()
         self._steps = 0  # steps timed by this process
         self._seconds = 0.0  # their time
         self._interval_steps, self._interval_seconds = 0, 0.0
 
-    @contextmanager
-    def step(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        synchronize(self.device)  # a no-op on the CPU
-        dt = time.perf_counter() - t0
+    def start(self) -> None:
+        """Training resumes now (after start-up, an evaluation or a save)."""
+        self._lap_start = time.perf_counter()
+
+    def lap(self, steps: int) -> None:
+        """`steps` steps ended now, their results read back from the device."""
+        now = time.perf_counter()
+        dt, self._lap_start = now - self._lap_start, now
         self.train_seconds += dt
         self._seconds += dt
         self._interval_seconds += dt
-        self._steps += 1
-        self._interval_steps += 1
+        self._steps += steps
+        self._interval_steps += steps
 
     def tokens_per_sec(self) -> float:
         """Over the steps since the last call."""
@@ -100,11 +98,16 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = Path(log_dir)
-            created = [d for d in (log_dir, *log_dir.parents) if not d.exists()]  # innermost first
-            log_dir.mkdir(parents=True, exist_ok=True)
-            if (log_dir / "tensorboard" / self.run_name).exists():  # two runs started in the same second
+            tb_root = log_dir / "tensorboard"
+            created = [d for d in (tb_root, log_dir, *log_dir.parents) if not d.exists()]  # innermost first
+            tb_root.mkdir(parents=True, exist_ok=True)
+            try:  # creating its TensorBoard folder claims the run's name, atomically: two runs started in the
+                (tb_root / self.run_name).mkdir()  # same second into one folder get two names
+            except FileExistsError:
                 self.run_name += f"-{os.getpid()}"
-            if logging.wandb:  # before any file of ours: a refused W&B run (a login) then leaves the folder as it was
+                (tb_root / self.run_name).mkdir()
+            created.insert(0, tb_root / self.run_name)
+            if logging.wandb:  # before any file of ours: a refused W&B run (a login) leaves the folder as it was
                 try:
                     self.wandb = WandbSink(logging, config or {}, self.run_name, log_dir)
                 except UserError:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from models.config import Config
 from models.config_loader import SECTIONS, config_to_dict, load_config
-from utils.errors import ArgumentParser
+from utils.errors import ArgumentParser, utf8_text
 from utils.train.finetune import model_base
 
 
@@ -48,10 +48,10 @@ def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, CliArgs
     """The command line shared by both training entry points."""
     parser = ArgumentParser(description=description,
                                      epilog="Overrides: section.key=value ... (e.g. train.max_steps=50 model.dim=64)")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--config", type=utf8_text, default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--device", default=None,
                         help="auto, cpu, cuda, cuda:N or mps (default auto: CUDA, then MPS, then the CPU)")
-    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+    parser.add_argument("--resume", type=utf8_text, default=None, metavar="PATH|auto",
                         help="continue from a checkpoint; 'auto' takes the newest valid one in checkpoint.dir")
     parser.add_argument("--print-config", action="store_true",
                         help="list every config key with its type, value (the built-in default, or from --config "

@@ -20,7 +20,7 @@ micro-batches accumulate. FSDP adds what it gathers during backward: the root's 
 computed and the next one it prefetches, and that block's unsharded gradient. This is FSDP built
 on the meta device, each rank materialising only its shards; a rank that first builds the whole
 model peaks at least at its fp32 weights at start-up. Tensor bytes only: a CPU allocator that keeps
-freed memory resident adds to it (scripts/plan_check.py).
+freed memory resident adds to it (dev/plan_check.py).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class MemoryPlan:
         return low
 
 def optimizer_bytes(model: GPT, name: str, local: dict[int, int]) -> tuple[int, int]:
-    """(state, step temporaries) in bytes for utils/optim.py's optimizer: AdamW keeps two fp32
+    """(state, step temporaries) in bytes for utils/train/optim.py's optimizer: AdamW keeps two fp32
     moments and a step count per tensor; Muon one momentum per hidden matrix, AdamW's for the rest."""
     params = unique_params(model)
     muon = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2} if name == "muon" else set()
@@ -225,7 +225,7 @@ def plan_memory(cfg: Config, world_size: int, device: torch.device, precision: s
     """The memory plan of `cfg` on `world_size` ranks of `device`; precision is resolved (not auto)."""
     model = meta_model(cfg.model)
     params = unique_params(model)
-    fsdp = cfg.distributed.strategy == "fsdp" and world_size > 1
+    fsdp = cfg.distributed.sharded and world_size > 1
     ddp = cfg.distributed.strategy == "ddp" and world_size > 1
     local = {id(p): shard_numel(p, world_size) if fsdp else p.numel() for p in params}
     per_rank = sum(local.values())

@@ -84,14 +84,23 @@ def orthogonalised(updates: list[Tensor], steps: int, dtype: torch.dtype) -> lis
     return [local_part(o, g) for o, g in zip(newton_schulz(torch.stack(full), steps, dtype).unbind(), updates)]
 
 
+def _local(t: Tensor) -> Tensor:
+    """The part this rank holds: an FSDP2 DTensor's shard (elementwise updates need no more), or t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for param groups with muon=True, AdamW for the others; each group's tensors are updated
-    together with torch._foreach_* ops (one kernel per operation, not one per parameter)."""
+    together with torch._foreach_* ops (one kernel per operation, not one per parameter).
+
+    Like torch's fused AdamW, it takes `found_inf` (a device scalar, set by step_unless): where it is
+    non-zero the step changes nothing, decided on the device, so the host never has to read it."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, betas: tuple[float, float],
                  adam_lr: float, ns_steps: int = 5, eps: float = 1e-8,
                  ns_dtype: torch.dtype = torch.bfloat16) -> None:
         self.ns_dtype = ns_dtype
+        self.found_inf: Tensor | None = None
         defaults = dict(lr=lr, momentum=momentum, betas=betas, eps=eps, ns_steps=ns_steps, weight_decay=0.0)
         for g in groups:
             g.setdefault("lr", lr if g["muon"] else adam_lr)
@@ -103,39 +112,68 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            device = _local(params[0]).device
+            found_inf = self.found_inf if self.found_inf is not None else torch.zeros((), device=device)
+            ok = 1 - found_inf.float()  # 1: apply, 0: leave everything as it is
+            skip = found_inf.bool()
+            grads = [_local(p.grad) for p in params]
+            for g in grads:  # a skipped step's gradients may be inf or NaN, which no multiplier by 0 removes
+                g.masked_fill_(skip, 0)
             if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            (self._muon if group["muon"] else self._adamw)(group, params, [p.grad for p in params])
+                torch._foreach_mul_([_local(p) for p in params], 1 - group["lr"] * group["weight_decay"] * ok)
+            (self._muon if group["muon"] else self._adamw)(group, params, [p.grad for p in params], ok)
 
-    def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+    def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor], ok: Tensor) -> None:
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:  # not setdefault: its zeros would be allocated every step
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        local_bufs = [_local(b) for b in bufs]
+        torch._foreach_add_(local_bufs, torch._foreach_mul(torch._foreach_sub([_local(g) for g in grads], local_bufs),
+                                                           (1 - group["momentum"]) * ok))  # lerp, masked
         updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
         for index in stacks([p.shape for p in params]):
             rows, cols = params[index[0]].shape[-2:]
             scale = max(1.0, rows / cols) ** 0.5  # the update's RMS does not shrink for tall matrices
             ortho = orthogonalised([updates[i] for i in index], group["ns_steps"], self.ns_dtype)
-            torch._foreach_add_([params[i] for i in index], [o.to(params[i].dtype) for o, i in zip(ortho, index)],
-                                alpha=-group["lr"] * scale)
+            torch._foreach_add_([_local(params[i]) for i in index],
+                                torch._foreach_mul([_local(o).to(params[i].dtype) for o, i in zip(ortho, index)],
+                                                   -group["lr"] * scale * ok))
 
-    def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], ok: Tensor) -> None:
         states = [self.state[p] for p in params]
         for state, p in zip(states, params):
             if not state:
-                state.update(step=torch.zeros((), dtype=torch.float32),
+                state.update(step=torch.zeros((), dtype=torch.float32, device=ok.device),
                              exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            elif state["step"].device != ok.device:  # loaded from a checkpoint: optimizers keep steps on the CPU
+                state["step"] = state["step"].to(ok.device)
         beta1, beta2 = group["betas"]
-        exp_avg = [s["exp_avg"] for s in states]
-        exp_avg_sq = [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_([s["step"] for s in states], 1)
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-        steps = [s["step"].item() for s in states]  # a CPU scalar each: no device sync
-        denom = torch._foreach_div(exp_avg_sq, [1 - beta2 ** t for t in steps])
+        grads = [_local(g) for g in grads]
+        exp_avg = [_local(s["exp_avg"]) for s in states]
+        exp_avg_sq = [_local(s["exp_avg_sq"]) for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, ok)
+        torch._foreach_add_(exp_avg, torch._foreach_mul(torch._foreach_sub(grads, exp_avg), (1 - beta1) * ok))
+        torch._foreach_mul_(exp_avg_sq, 1 - (1 - beta2) * ok)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)  # the gradients of a skipped step are 0
+        t = steps[0].clamp(min=1)  # every tensor of a group is updated together; a skipped first step is step 0
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** t)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-group["lr"] / (1 - beta1 ** t) for t in steps])
+        updates = torch._foreach_div(exp_avg, denom)
+        torch._foreach_add_([_local(p) for p in params], torch._foreach_mul(updates, -group["lr"] / (1 - beta1 ** t) * ok))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """optimizer.step(), or no change at all where `skip` (a device bool) is set, decided on the device as
+    GradScaler does it: fused AdamW and Muon take it as `found_inf`. Another optimizer (foreach AdamW, where
+    the fused kernel is missing) has the host read it."""
+    if isinstance(optimizer, Muon) or optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()  # grads are unscaled already (unscale_)
+        optimizer.step()
+    elif not skip:
+        optimizer.step()
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,

@@ -86,7 +86,7 @@ def state_bytes_per_rank(cfg: Config, world_size: int) -> tuple[int, int]:
     m = cfg.model
     mlp = (3 if m.activation == "swiglu" else 2) * m.dim * m.ffn_dim
     n = m.n_layers * (4 * m.dim * m.dim + mlp) + (m.vocab_size + m.context_length) * m.dim
-    shards = world_size if cfg.distributed.strategy == "fsdp" else 1
+    shards = world_size if cfg.distributed.sharded else 1
     return n, math.ceil(16 * n / shards)
 
 
@@ -96,7 +96,7 @@ def check_memory(cfg: Config, info: DistInfo) -> None:
     n, need = state_bytes_per_rank(cfg, info.world_size)
     free = free_memory(info.device)
     if need > free:
-        fsdp = cfg.distributed.strategy == "fsdp"
+        fsdp = cfg.distributed.sharded
         hint = ", or shard them with distributed.strategy=fsdp" if info.world_size > 1 and not fsdp else ""
         raise ConfigError(f"the model has at least {n:,} parameters, whose weights, gradients and optimizer state"
                           f"{f', sharded over {info.world_size} ranks,' if fsdp else ''} need ~{need / 2**30:.1f} GiB "

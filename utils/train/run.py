@@ -1,9 +1,10 @@
-"""Wiring a training run: every check first, then build everything from the config, then train.
+"""Wiring a training run: resolve and check it first (resolve_run), then build everything from the resolved
+config, then train.
 
 Order matters for trust: the ranks agree on the config and the data, the checkpoint folder says
 fresh, resume or refuse, the checkpoint (resumed, or a fine-tune's) fits, the data and the validation
-pass are feasible and the model fits in memory, and only then is anything written (config.yaml, the
-log, TensorBoard).
+pass are feasible and the model fits in memory, and only then is anything written (config.yaml, once;
+the log, TensorBoard).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import subprocess
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from data.dataset import BatchPlan, load_split
 from data.shards import verify_dataset
-from models.config import Config
+from models.config import Config, DistributedConfig
 from models.config_checks import ConfigError
 from models.config_loader import config_to_dict, config_to_yaml
 from models.transformer import GPT
@@ -31,11 +33,10 @@ from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
 from utils.device import device_name
 from utils.distributed.parallel import materialize, shards
-from utils.distributed.process_group import DistInfo, broadcast_object
+from utils.distributed.process_group import DistInfo, agree_by_store, broadcast_object, without_ddp
 from utils.errors import UserError
 from utils.metrics.flops import flops_per_token, peak_flops
 from utils.metrics.logger import MetricsLogger, ThroughputMeter
-from utils.train.oom import adopt_backoff
 from utils.train.finetune import check_init, load_init
 from utils.train.preflight import check_fits, check_memory, check_ranks_agree, check_writable, on_every_rank
 from utils.train.optim import build_optimizer, build_scheduler
@@ -46,12 +47,13 @@ from utils.train.stopping import StopFlag
 from utils.train.trainer import Trainer
 from utils.train.validation import Validator
 
+WARM_UP_AGREE_S = 10.0  # FSDP: how long a rank whose warm-up failed waits to hear the others'
 Wrap = Callable[[nn.Module, Precision], nn.Module]  # parallelisation, given the run's resolved precision
 
 
 # -- checks (nothing written; the checks themselves are in utils/train/preflight.py) -------------
 def checkpointer_for(cfg: Config, info: DistInfo) -> Checkpointer:
-    return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.strategy == "fsdp",
+    return Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info, sharded=cfg.distributed.sharded,
                         verify=cfg.checkpoint.verify)
 
 
@@ -93,25 +95,51 @@ def git_revision() -> str:
         return "unknown"
 
 
-def compiles(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast: AbstractContextManager,
-             log: MetricsLogger) -> bool:
-    """Whether the compiled (and wrapped) model trains: tried on the first training batch itself; a
-    warning if not.
+def warm_up(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast: AbstractContextManager) -> str:
+    """Compile the model's graphs by running them once: a training forward and backward, and an evaluation
+    forward, on the first training batch. "" when both ran, "oom" when memory ran out (not a compile failure:
+    the first step backs off), else the failure in one line. Under DDP without DDP, whose gradient all-reduce
+    a failing rank would leave the others waiting in.
 
     The first batch, not a batch-shaped stand-in: its inputs are views into the (B, T + 1) windows, and
-    dynamo guards on strides, so a contiguous stand-in compiles a graph the first real step cannot use
-    (it would compile again there, outside this check)."""
+    dynamo guards on strides, so a contiguous stand-in compiles a graph the first real step cannot use."""
     x, y = batch
+    model = without_ddp(model)
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), autocast:
             model(x, y)[1].backward()
+            with torch.no_grad():
+                model.eval()
+                model(x)
+    except torch.OutOfMemoryError:
+        return "oom"
     except Exception as e:  # inductor needs a working C++/Triton toolchain
-        log.info(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                 f"training eagerly")
-        return False
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
+        model.train()
         model.zero_grad(set_to_none=True)
-    return True
+    return ""
+
+
+def compiles(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast: AbstractContextManager,
+             info: DistInfo, cfg: DistributedConfig, log: MetricsLogger) -> bool:
+    """Whether to train compiled: every rank warms up (warm_up), and the ranks decide together, through the
+    store, so that all build the same model. FSDP gathers inside the warm-up, so a rank that fails there while
+    the others wait in a gather says so in one line after a few seconds, and the watchdog ends the others."""
+    failure = warm_up(model, batch, autocast)
+    if info.world_size > 1:
+        failures = agree_by_store("compile", failure, info,
+                                  WARM_UP_AGREE_S if failure and cfg.sharded else cfg.timeout_s)
+        if failures is None:
+            raise UserError(f"torch.compile failed on rank {info.rank} ({failure}) while the other ranks wait for it "
+                            f"inside the sharded model; set train.compile=false")
+        failure = next((f"{f} on rank {r}" for r, f in enumerate(failures) if f and f != "oom"),
+                       "oom" if "oom" in failures else "")
+    if failure == "oom":
+        log.info("warning: the compile warm-up ran out of memory; training compiled, and the first step backs off")
+    elif failure:
+        log.info(f"warning: torch.compile failed ({failure}); training eagerly")
+    return failure in ("", "oom")
 
 
 def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | None, compile: bool,
@@ -136,21 +164,27 @@ def build_model(cfg: Config, precision: Precision, info: DistInfo, wrap: Wrap | 
     return model, model_for_training
 
 
-def resolve_run_precision(cfg: Config, info: DistInfo, resume_state: dict | None) -> tuple[Config, Precision]:
-    """The config with train.precision resolved (as config.yaml and checkpoints record it), and why.
-
-    Rank 0 decides and every rank follows, so a measurement cannot split the ranks.
-    """
+def agree_precision(cfg: Config, info: DistInfo, resume_state: dict | None) -> Precision:
+    """train.precision resolved (`auto` measured), and why. Rank 0 decides and every rank follows, so a
+    measurement cannot split the ranks."""
     trained_with = resume_state[ckpt.CONFIG]["train"].get("precision") if resume_state else None
     precision = None
     if info.is_main:
         precision = resolve_precision(cfg.train.precision, info.device, cfg.model, cfg.train.batch_size, trained_with)
     precision = broadcast_object(precision, info)
-    if precision.name == "fp16" and cfg.distributed.strategy == "fsdp":
+    if precision.name == "fp16" and cfg.distributed.sharded:
         raise ConfigError(f"train.precision={cfg.train.precision} resolved to fp16 ({precision.reason}), which "
                           f"distributed.strategy=fsdp does not support (FSDP2 has no sharded GradScaler); "
                           f"use train.precision=fp32 or distributed.strategy=ddp")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name)), precision
+    return precision
+
+
+def resolved(cfg: Config, precision: Precision, steps_per_epoch: int) -> Config:
+    """cfg as the run uses it and config.yaml records it: train.precision named (never `auto`), and
+    train.epochs as the train.max_steps it comes to."""
+    steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name, max_steps=steps,
+                                                              epochs=0))
 
 
 def load_data(cfg: Config, info: DistInfo) -> tuple[BatchPlan, np.ndarray]:
@@ -167,7 +201,7 @@ def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: Batch
                   checkpointer: Checkpointer | None = None, init: tuple[Path, dict] | None = None) -> Trainer:
     """The model, seeded (or a fine-tune's `init`), compiled and wrapped as configured, in its Trainer: what
     run_training trains and scripts/benchmark.py times. precision is the run's resolved one
-    (resolve_run_precision), the only one any part of the run uses."""
+    (agree_precision), the only one any part of the run uses."""
     t = cfg.train
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
@@ -175,19 +209,20 @@ def build_trainer(cfg: Config, precision: Precision, info: DistInfo, plan: Batch
     seed_everything(t.seed + info.rank)  # per-rank dropout noise
     autocast = autocast_context(info.device, precision.name)
     # an eager run reads no batch before its first step; a failed compile is built again, eager
-    if t.compile and not compiles(model_for_training, plan.batch(0, 0, info.device), autocast, logger):
+    if t.compile and not compiles(model_for_training, plan.batch(0, 0, info.device), autocast, info, cfg.distributed,
+                                  logger):
         model, model_for_training = build_model(cfg, precision, info, wrap, compile=False, init=init)
     optimizer = build_optimizer(model, cfg.optim, info.device, precision.name)
     peak, peak_source = peak_flops(info.device, precision.name)
     logger.info(f"MFU against {peak_source}" + (f" ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
     meter = ThroughputMeter(plan.global_batch * cfg.model.context_length, t.max_steps,
                             flops_per_token(model.num_params(non_embedding=True), cfg.model.n_layers, cfg.model.dim,
-                                            cfg.model.context_length), peak, info.device)
+                                            cfg.model.context_length), peak)
     return Trainer(model=model_for_training, optimizer=optimizer,
                    scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, t.max_steps),
                    scaler=grad_scaler(info.device, precision.name), autocast=autocast, plan=plan,
                    validator=Validator(model_for_training, val_data, cfg.model.context_length, t.batch_size,
-                                       cfg.eval, info, autocast, sharded=cfg.distributed.strategy == "fsdp"),
+                                       cfg.eval, info, autocast, sharded=cfg.distributed.sharded),
                    checkpointer=checkpointer or checkpointer_for(cfg, info),
                    logger=logger, meter=meter, stop=stop or StopFlag(), info=info, config=cfg)
 
@@ -216,36 +251,67 @@ def run_name(config_path: str | None) -> str:
     return Path(config_path).stem if config_path else "defaults"
 
 
-def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: Wrap | None = None,
-                 run_name: str = "run") -> int:
-    """Check, then build everything from the config and train; returns the process exit code."""
-    check_ranks_agree(cfg, info)
-    checkpointer = checkpointer_for(cfg, info)
+@dataclass(frozen=True)
+class Run:
+    """A run resolved before anything is written: the command line, the config file, a fine-tune's base (the
+    CLI), the checkpoint resumed, `auto` precision and train.epochs, turned into the one Config every part of
+    the run uses and config.yaml records, and what was loaded on the way. A back-off's micro-batch is the
+    Trainer's state, saved in its checkpoints."""
+    cfg: Config
+    precision: Precision
+    plan: BatchPlan
+    val_data: np.ndarray
+    resume: tuple[str, dict] | None  # (path, checkpoint) the run continues from
+    init: tuple[Path, dict] | None  # a fine-tune's checkpoint (none when resuming: the run's own has the weights)
+    notes: list[str]  # start-up warnings, for the console and the log file
+
+
+def resolve_run(cfg: Config, info: DistInfo, checkpointer: Checkpointer, resume: str | None) -> Run:
+    """Every check, on every rank, nothing written (the folder claimed): the checkpoint folder says fresh,
+    resume or refuse, the checkpoint fits, the data and the validation pass are feasible, the model fits in
+    memory and the folders can be written."""
     resumed = decide_resume(checkpointer, resume, info)
     if resumed:
         check_fits(cfg, *resumed)
-    cfg, precision = resolve_run_precision(cfg, info, resumed[1] if resumed else None)
-    backoff = None
-    if resumed:
-        cfg, backoff = adopt_backoff(cfg, resumed[1][ckpt.CONFIG])
+    precision = agree_precision(cfg, info, resumed[1] if resumed else None)
 
-    # this rank's fine-tune checkpoint (none when resuming: the run's own checkpoint holds the weights), data,
-    # memory and folders
-    def local_checks() -> tuple[tuple[Path, dict] | None, BatchPlan, np.ndarray, list[str]]:
+    def local_checks() -> Run:
         init = check_init(cfg) if cfg.train.init_from and not resumed else None
         plan, val_data = load_data(cfg, info)
         Validator.check_feasible(val_data, cfg.eval)
-        notes = start_warnings(cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
+        run_cfg = resolved(cfg, precision, plan.steps_per_epoch)
+        notes = start_warnings(run_cfg, getattr(val_data, "sizes", [len(val_data)]), plan.steps_per_epoch)
+        if cfg.train.epochs:
+            notes.insert(0, f"train.epochs={cfg.train.epochs}: {run_cfg.train.max_steps} steps "
+                            f"({plan.steps_per_epoch} per epoch)")
         check_memory(cfg, info)
         require_wandb(cfg.logging)
         if info.is_main:
             check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
             check_writable(Path(cfg.logging.dir), "logging.dir")
-        return init, plan, val_data, notes + ([backoff] if backoff else [])
+        return Run(run_cfg, precision, plan, val_data, resumed, init, notes)
 
-    init, plan, val_data, notes = on_every_rank(info, local_checks)
+    return on_every_rank(info, local_checks)
+
+
+def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: Wrap | None = None,
+                 run_name: str = "run") -> int:
+    """Resolve and check, then build everything from the resolved config and train; the process exit code."""
+    check_ranks_agree(cfg, info)
+    checkpointer = checkpointer_for(cfg, info)
+    checkpointer.claim()  # rank 0 holds checkpoint.dir from here: a second run into it is refused on every rank
+    try:
+        return _train(checkpointer, cfg, info, resume, wrap, run_name)
+    finally:
+        checkpointer.release()  # on every path out; removes the folder too if claim made it and nothing was written
+
+
+def _train(checkpointer: Checkpointer, cfg: Config, info: DistInfo, resume: str | None, wrap: Wrap | None,
+           run_name: str) -> int:
+    run = resolve_run(cfg, info, checkpointer, resume)
+    cfg = run.cfg
     if info.is_main:
-        for line in notes:  # on the console now, in the log file once it exists
+        for line in run.notes:  # on the console now, in the log file once it exists
             print(line)
 
     # accepted: from here on the run writes
@@ -256,17 +322,18 @@ def run_training(cfg: Config, info: DistInfo, resume: str | None = None, wrap: W
     try:
         checkpointer.accept(config_to_yaml(cfg))
         logger.file_only(config_to_yaml(cfg).rstrip())
-        for line in notes:
+        for line in run.notes:
             logger.file_only(line)
         with StopFlag() as stop:
-            trainer = build_trainer(cfg, precision, info, plan, val_data, logger, wrap, stop, checkpointer, init)
-            for line in summary(cfg, info, plan, val_data, trainer.raw.num_params(), precision, logger):
+            trainer = build_trainer(cfg, run.precision, info, run.plan, run.val_data, logger, wrap, stop,
+                                    checkpointer, run.init)
+            for line in summary(cfg, info, run.plan, run.val_data, trainer.raw.num_params(), run.precision, logger):
                 logger.info(line)
-            if resumed:
-                trainer.restore(resumed[1], resumed[0])
-            elif init:
-                logger.info(f"fine-tuning from the weights of {init[0]} (its step "
-                            f"{init[1].get(ckpt.TRAINER, {}).get('step', '?')}), at step 0")
+            if run.resume:
+                trainer.restore(*run.resume)
+            elif run.init:
+                logger.info(f"fine-tuning from the weights of {run.init[0]} (its step "
+                            f"{run.init[1].get(ckpt.TRAINER, {}).get('step', '?')}), at step 0")
             elif resume == "auto":
                 logger.info(f"no checkpoint in {cfg.checkpoint.dir}; starting fresh")
             code = trainer.fit()

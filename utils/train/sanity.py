@@ -1,8 +1,8 @@
 """Settings that make a run pointless, found at start before anything is written: one warning line
 each (the run may still be what the user wants, e.g. a smoke test), or a ConfigError where the run
-could not do what was asked. Refused elsewhere already, and listed in the README with these:
+could not do what was asked. Refused elsewhere already, and listed in docs/run_health.md with these:
 min LR above the peak (models/config.py), a global batch larger than the training split
-(data/dataset.py), a validation split under 2 bytes (utils/validation.py).
+(data/dataset.py), a validation split under 2 bytes (utils/train/validation.py).
 """
 
 from __future__ import annotations

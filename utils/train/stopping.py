@@ -1,14 +1,13 @@
-"""The one owner of stopping early: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set a flag that the loop
-reads after each optimizer step; `should_stop` asks all ranks at once, so they stop on the same
-step and save one consistent checkpoint. A second Ctrl-C aborts at once without saving.
+"""The one owner of stopping early: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set a flag that each step
+carries to every rank in its all-reduce (Trainer.advance); the ranks read it back together at the next
+read point, so they stop on the same step and save one consistent checkpoint. A second Ctrl-C aborts
+at once without saving.
 """
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-
-from utils.distributed.process_group import DistInfo, any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -32,7 +31,3 @@ class StopFlag:
         if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
         self.received = signal.Signals(signum).name
-
-    def should_stop(self, info: DistInfo, failing: bool = False) -> bool:
-        """Collective: True on every rank if any rank received a stop signal (or is `failing`)."""
-        return any_rank(self.received is not None or failing, info)

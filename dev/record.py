@@ -1,10 +1,10 @@
 """Make a record: a track's configs trained with several seeds, optionally side by side with nanoGPT,
 written to one folder that holds everything needed to check the claim and to reproduce it.
 
-    python -m scripts.record --out records/cpu/2026-12-04 --nanogpt /tmp/nanoGPT --seeds 1 2 3 \\
+    python -m dev.record --out records/cpu/2026-12-04 --nanogpt /tmp/nanoGPT --seeds 1 2 3 \\
         --run "quarter=configs/shakespeare_cpu.yaml eval.every=37" \\
         --run "full=configs/shakespeare_cpu.yaml train.max_steps=730 eval.every=73" --target full:1.60
-    python -m scripts.record --out records/gpu1/DATE --run enwik8=configs/enwik8_1gpu.yaml --seeds 1 2 3 --test
+    python -m dev.record --out records/gpu1/DATE --run enwik8=configs/enwik8_1gpu.yaml --seeds 1 2 3 --test
 
 Seed by seed, nanoGPT's CPU Tiny Shakespeare recipe (its unmodified train.py, as docs/recipes.md runs it)
 and then every --run take turns, so a slow spell of the machine falls on all of them. Each run trains with
@@ -14,7 +14,7 @@ the verdicts), runs.jsonl (one line per run), NAME.yaml (each config as it ran),
 curves.png/.svg (scripts/plot_runs.py: the first seed of every run, and nanoGPT).
 
 The significance rule (modded-nanogpt's): a run "reaches" a loss when its final validation loss is below it
-with p < --alpha (0.01) in a one-sided t-test over the seeds (utils/stats.py). With --nanogpt every run is
+with p < --alpha (0.01) in a one-sided t-test over the seeds (dev/stats.py). With --nanogpt every run is
 tested against nanoGPT's final val loss and its time is the median over seeds of (its seconds of training /
 nanoGPT's in the same turn); --target NAME:LOSS adds a loss of one's own. --test evaluates each run's final
 weights on the test split (scripts/evaluate.py) for bits per byte, as enwik8 results are reported.
@@ -37,11 +37,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
+from dev.runs import read_metrics
+from dev.stats import paired_lower
 from models.config_loader import config_to_yaml, load_config
-from utils.metrics.curves import plot, read_metrics, read_nanogpt_log, read_runs
 from utils.device import device_name
-from utils.errors import ArgumentParser, UserError, child_error, run_cli
-from utils.stats import paired_lower
+from utils.errors import ArgumentParser, UserError, child_error, number, run_cli, utf8_text
+from utils.outputs import check_output
+from utils.metrics.curves import plot, read_nanogpt_log, read_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 # nanoGPT's CPU recipe for Tiny Shakespeare (its README's, with no dropout and a 20-batch evaluation)
@@ -52,21 +56,18 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=Fa
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="the record's folder (must not exist yet)")
+    p.add_argument("--out", type=utf8_text, required=True, help="the record's folder (must not exist yet)")
     p.add_argument("--run", action="append", required=True, metavar="NAME=CONFIG",
                    help="a config to train, named; overrides after it: NAME=CONFIG key=value ...")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--nanogpt", default=None, help="a nanoGPT checkout with data/shakespeare_char prepared")
+    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1, "seeds"), nargs="+", default=[1, 2, 3])
+    p.add_argument("--nanogpt", type=utf8_text, default=None, help="a nanoGPT checkout with data/shakespeare_char prepared")
     p.add_argument("--target", action="append", default=[], metavar="NAME:LOSS", help="a val loss NAME must beat")
     p.add_argument("--test", action="store_true", help="also report each run's test-split bits per byte")
-    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--alpha", type=number(float, 0, 0.5, "a significance level", above=True), default=0.01)
     p.add_argument("--device", default="auto")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run: more than 1 runs torchrun train_ddp.py")
+    p.add_argument("--nproc", type=number(int, 1, 1024, "processes"), default=1,
+                   help="processes per run: more than 1 runs torchrun train_ddp.py")
     args = p.parse_args(argv)
-    if not 0 < args.alpha < 1:
-        raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if args.nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds must differ, got {args.seeds}")
     out = Path(args.out)
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--target must look like NAME:LOSS, got {spec!r}") from None
         if name not in args.runs or not math.isfinite(args.targets[name]):
             raise UserError(f"--target {spec}: NAME must be one of the --run names and LOSS a number")
+    check_output(out, [*(config for config, _, _ in args.runs.values()), args.nanogpt])
     if args.nanogpt is not None:
         ready = Path(args.nanogpt, "data", "shakespeare_char", "train.bin")
         if not Path(args.nanogpt, "train.py").is_file() or not ready.is_file():
@@ -204,7 +206,7 @@ def write_readme(args: argparse.Namespace, out: Path, rows: list[dict], about: d
 def record(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True)
-    command = shlex.join(["python", "-m", "scripts.record", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "dev.record", *sys.argv[1:]])
     for name, (_, _, cfg) in args.runs.items():
         (out / f"{name}.yaml").write_text(config_to_yaml(cfg))
     about = {**machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

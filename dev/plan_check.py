@@ -1,6 +1,6 @@
 """Check the planner against a measured peak: predicted vs measured memory per rank for one config.
 
-    python -m scripts.plan_check --config configs/default_config.yaml --world-size 2 \\
+    python -m dev.plan_check --config configs/default_config.yaml --world-size 2 \\
         distributed.strategy=fsdp train.batch_size=8 data.dir=data/default
 
 Runs scripts/benchmark.py (the real Trainer.train_step, under torchrun when --world-size > 1) twice,
@@ -25,13 +25,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from models.config_checks import ConfigError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, resolve_device
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
 from utils.precision import resolve_precision
 from utils.train.memory_plan import plan_memory
 
@@ -80,10 +82,12 @@ def check(config: str | None, overrides: list[str], world_size: int, device: tor
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Predicted vs measured peak memory per rank for one config.",
                             epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--world-size", type=int, default=1, help="ranks; above 1 the runs go through torchrun")
+    parser.add_argument("--config", type=utf8_text, default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--world-size", type=number(int, 1, 1024, "ranks"), default=1, help="ranks; above 1 the runs go through torchrun")
     parser.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measured run (default 3)")
+    # the optimizer state exists from step 2
+    parser.add_argument("--steps", type=number(int, 2, 10**6, "optimizer steps"), default=3,
+                        help="optimizer steps per measured run (default 3)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="CPU: leave glibc's mmap threshold as it is (resident size then includes freed memory), "
                              "except under FSDP on several ranks, which fixes it itself")
@@ -93,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         for item in overrides:
             if item.startswith("-"):
                 parser.error(f"unrecognized argument: {item}")
-        if args.world_size < 1 or args.steps < 2:
-            raise ConfigError("--world-size must be >= 1 and --steps >= 2 (the optimizer state exists from step 2)")
         device = resolve_device(args.device)
         env = RETURN_FREED if device.type == "cpu" and not args.glibc_default else {}
         r = check(args.config, overrides, args.world_size, device, args.steps, env)

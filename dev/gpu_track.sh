@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A record track's first minutes, then its training speed; gpu_check.sh's sibling for the GPU tracks:
-#   bash scripts/gpu_track.sh configs/enwik8_1gpu.yaml 180                       # on enwik8 (records/README.md)
-#   bash scripts/gpu_track.sh configs/enwik8_1gpu.yaml 180 data.dir=data/default  # no enwik8 at hand
+# A record track's first minutes, then its training speed; scripts/gpu_check.sh's sibling for the GPU tracks:
+#   bash dev/gpu_track.sh configs/enwik8_1gpu.yaml 180                       # on enwik8 (records/README.md)
+#   bash dev/gpu_track.sh configs/enwik8_1gpu.yaml 180 data.dir=data/default  # no enwik8 at hand
 # Trains CONFIG (with any key=value overrides, or --device) for SECONDS of wall time in a scratch folder; the
 # timeout's SIGTERM makes the trainer save and stop as a preempted job would. Then prints one line: steps,
 # median tokens/s and MFU over the logged intervals after the first (compiling and warm-up), the last train
@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 if (( $# < 2 )) || ! [[ $2 =~ ^[0-9]+$ ]] || (( $2 < 1 )); then
-    echo "error: usage: bash scripts/gpu_track.sh CONFIG SECONDS [key=value ...] (SECONDS a whole number >= 1)" >&2
+    echo "error: usage: bash dev/gpu_track.sh CONFIG SECONDS [key=value ...] (SECONDS a whole number >= 1)" >&2
     exit 2
 fi
 config=$1 seconds=$2
@@ -25,7 +25,7 @@ rc=$?
 "$PYTHON" - "$out/logs" "$config" <<'PY'
 import statistics, sys
 from utils.errors import UserError
-from utils.metrics.curves import read_metrics
+from dev.runs import read_metrics
 try:
     rows = read_metrics(sys.argv[1])
 except UserError:  # stopped before its logger started

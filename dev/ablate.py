@@ -1,6 +1,6 @@
 """Compare config variants at a fixed wall-clock training budget, several seeds each.
 
-    python -m scripts.ablate --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 3 \\
+    python -m dev.ablate --config configs/shakespeare_cpu.yaml --budget 25 --seeds 1 2 3 \\
         --variant base --variant "rope:model.pos_emb=rope" --variant "muon:optim.name=muon"
 
 Each variant is first timed on a short run to find how many optimizer steps fit the budget (its
@@ -28,10 +28,13 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
+from dev.runs import read_metrics
+from dev.stats import paired_lower
 from models.config_loader import load_config
-from utils.errors import ArgumentParser, UserError, child_error, run_cli
-from utils.metrics.curves import read_metrics
-from utils.stats import paired_lower
+from utils.errors import ArgumentParser, UserError, child_error, number, run_cli, utf8_text
+from utils.outputs import check_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,20 +67,21 @@ def planned_steps(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--budget", type=float, required=True, help="seconds of training per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--alpha", type=float, default=0.01, help="significance level of the rule (see above)")
+    p.add_argument("--config", type=utf8_text, required=True)
+    p.add_argument("--budget", type=number(float, 0, 1e7, "seconds", above=True), required=True,
+                   help="seconds of training per run")
+    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1, "seeds"), nargs="+", default=[1, 2, 3])
+    p.add_argument("--alpha", type=number(float, 0, 0.5, "a significance level", above=True), default=0.01,
+                   help="significance level of the rule (see above)")
     p.add_argument("--variant", action="append", required=True,
                    help="'name' or 'name:key=value key=value' (overrides on top of --config)")
-    p.add_argument("--calibration-steps", type=int, default=150,
+    p.add_argument("--calibration-steps", type=number(int, 1, 10**6, "optimizer steps"), default=150,
                    help="steps of the timing run, timed over its second half (default 150: a CPU's first "
                         "seconds at boost clock would plan too many steps)")
-    p.add_argument("--json", default=None, help="append one JSON line per run here")
+    p.add_argument("--json", type=utf8_text, default=None, help="append one JSON line per run here")
     args = p.parse_args(argv)
-    if not args.budget > 0 or args.calibration_steps < 1 or not 0 < args.alpha < 1:
-        raise UserError(f"--budget must be positive, --calibration-steps at least 1 and --alpha in (0, 1) (got "
-                        f"{args.budget}, {args.calibration_steps} and {args.alpha})")
+    if args.json:
+        check_output(args.json, [args.config], "--json")
     args.variant = [(name, rest.split()) for name, _, rest in (v.partition(":") for v in args.variant)]
     for name, overrides in args.variant:  # every variant's config is checked before hours of runs start
         try:

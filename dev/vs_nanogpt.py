@@ -1,7 +1,7 @@
 """Side by side with nanoGPT: its unmodified train.py against our training step, same model, batch
 and machine, in one run, alternating, the ratio taken per pair and reported as the median of pairs.
 
-    python -m scripts.vs_nanogpt --nanogpt /tmp/nanoGPT --config configs/default_config.yaml \\
+    python -m dev.vs_nanogpt --nanogpt /tmp/nanoGPT --config configs/default_config.yaml \\
         --device cpu train.batch_size=8 --rounds 5
 
 --nanogpt is a checkout of github.com/karpathy/nanoGPT (never part of this repository). Its train.py
@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
+
 from data.dataset import load_split
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
-from utils.errors import ArgumentParser, UserError, run_cli
+from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
 
 DATASET = "bytegpt_bench"  # nanoGPT reads data/<dataset>/ relative to its checkout
 
@@ -93,18 +95,18 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Our training step against nanoGPT's train.py, alternating.",
                                 epilog="Overrides: section.key=value ... (e.g. train.batch_size=8)")
-    p.add_argument("--nanogpt", required=True, help="a nanoGPT checkout (e.g. /tmp/nanoGPT)")
-    p.add_argument("--config", default=None)
+    p.add_argument("--nanogpt", type=utf8_text, required=True, help="a nanoGPT checkout (e.g. /tmp/nanoGPT)")
+    p.add_argument("--config", type=utf8_text, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--rounds", type=int, default=5, help="pairs, alternating (default 5)")
+    p.add_argument("--steps", type=number(int, 1, 10**6, "optimizer steps"), default=20,
+                   help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=number(int, 1, 10**6, "optimizer steps"), default=3,
+                   help="untimed steps first (default 3)")
+    p.add_argument("--rounds", type=number(int, 1, 10**4, "pairs"), default=5, help="pairs, alternating (default 5)")
     p.add_argument("--compiled", action="store_true", help="torch.compile both (default: both eager)")
 
     def body() -> int:
         args, overrides = p.parse_known_args(argv)
-        if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
-            raise ConfigError("--steps, --warmup and --rounds must be >= 1")
         nanogpt = Path(args.nanogpt)
         if not (nanogpt / "train.py").is_file() or not (nanogpt / "configurator.py").is_file():
             raise UserError(f"{nanogpt} is not a nanoGPT checkout (no train.py + configurator.py); "
