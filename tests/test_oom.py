@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import train_single
 from conftest import tb_runs, tiny_overrides
+from helpers.fault_rank import RaiseInBackward
 from models.transformer import GPT
 from utils.checkpoint.format import load_checkpoint
 from utils.train.oom import smaller_micro_batch
@@ -76,16 +77,6 @@ def test_out_of_memory_at_micro_batch_1_stops_with_one_line(tiny_data, tmp_path,
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-class _RaiseInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test, in backward)")
-
-
 def test_out_of_memory_in_the_backward_backs_off_as_in_the_forward(tiny_data, tmp_path, monkeypatch, capsys):
     """The backward of micro-batches above 2 runs out of memory from step 3 on (one process): the same back-off,
     and the weights of the unbroken 2 x 4 run."""
@@ -99,7 +90,7 @@ def test_out_of_memory_in_the_backward_backs_off_as_in_the_forward(tiny_data, tm
         if self.training and targets is not None:
             calls[0] += 1
             if calls[0] > 2 and idx.shape[0] > 2:
-                loss = _RaiseInBackward.apply(loss)
+                loss = RaiseInBackward.apply(loss)
         return logits, loss
     monkeypatch.setattr(GPT, "forward", failing)
     assert train_single.main(tiny_overrides(tiny_data, tmp_path / "big", train__batch_size=8, **common)) == 0

@@ -26,14 +26,17 @@ from utils.checkpoint.folder import Checkpointer
 from utils.metrics import sinks
 from utils.train.trainer import Trainer
 
-FAULT, STEP = os.environ["FAULT"], int(os.environ.get("FAULT_STEP", "3"))
+FAULT, STEP = os.environ.get("FAULT", "none"), int(os.environ.get("FAULT_STEP", "3"))
 LIMIT = int(os.environ.get("FAULT_LIMIT", "0"))
 RANK = int(os.environ.get("RANK", "0"))
 HERE = os.environ.get("FAULT_RANK", "1") in ("all", str(RANK))
 state = {"step": 0}
 
 
-class _RaiseInBackward(torch.autograd.Function):
+class RaiseInBackward(torch.autograd.Function):
+    """The identity whose backward runs out of memory at its first node, as an allocation there would
+    (also tests/test_oom.py's)."""
+
     @staticmethod
     def forward(ctx, x):
         return x.clone()
@@ -58,7 +61,7 @@ def install() -> None:
         if due and FAULT == "spike" and state["step"] == STEP:
             loss = loss * 10
         if due and FAULT == "oom_backward" and idx.shape[0] > LIMIT:
-            loss = _RaiseInBackward.apply(loss)
+            loss = RaiseInBackward.apply(loss)
         if due and FAULT == "nonfinite" and state["step"] == STEP:
             loss = loss * float("nan")
         return logits, loss
