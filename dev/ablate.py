@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,23 +29,11 @@ from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
-from dev.runs import read_metrics
+from dev.runs import train
 from dev.stats import paired_lower
 from models.config_loader import load_config
-from utils.errors import ArgumentParser, UserError, child_error, number, run_cli, utf8_text
+from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
 from utils.outputs import check_output
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]]:
-    """Run train_single.py writing under tmp; the rows of its metrics.jsonl."""
-    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
-           f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {child_error(proc)}")
-    return read_metrics(tmp / "logs")
 
 
 def seconds_per_step(config: str, overrides: list[str], steps: int) -> float:

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -35,14 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
-from dev.runs import read_metrics
+from dev.runs import machine, read_metrics
 from dev.stats import paired_lower
 from models.config_loader import config_to_yaml, load_config
-from utils.device import device_name
 from utils.errors import ArgumentParser, UserError, child_error, number, run_cli, utf8_text
 from utils.outputs import check_output
 from utils.metrics.curves import plot, read_nanogpt_log, read_runs
@@ -103,12 +99,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             f"missing): copy the text to data/shakespeare_char/input.txt there and run "
                             f"python data/shakespeare_char/prepare.py")
     return args
-
-
-def machine(device: str) -> dict:
-    used = torch.device("cuda") if device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
-    return {"device": device_name(used), "cpu": device_name(torch.device("cpu")), "torch": torch.__version__,
-            "python": platform.python_version(), "gpus": torch.cuda.device_count()}
 
 
 def run_nanogpt(checkout: Path, log: Path) -> dict:

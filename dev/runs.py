@@ -1,12 +1,21 @@
-"""A finished run's metrics.jsonl (utils/metrics/sinks.py writes it), read back at full precision: the
-figures dev/ablate.py, dev/record.py and dev/gpu_track.sh compare."""
+"""What the research tools share: a training run in a scratch folder, its metrics.jsonl (utils/metrics/sinks.py
+writes it) read back at full precision (the figures dev/ablate.py, dev/lr_sweep.py, dev/record.py and
+dev/gpu_track.sh compare), and the machine a record names."""
 
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
-from utils.errors import UserError
+import torch
+
+from utils.device import device_name
+from utils.errors import UserError, child_error
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, float]]:
@@ -15,3 +24,19 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
     if not found:
         raise UserError(f"{log_dir} holds no *.metrics.jsonl: the run stopped before its logger started")
     return [json.loads(line) for line in found[-1].read_text().splitlines()]
+
+
+def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]]:
+    """Run train_single.py writing under tmp; the rows of its metrics.jsonl."""
+    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
+           f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {child_error(proc)}")
+    return read_metrics(tmp / "logs")
+
+
+def machine(device: str) -> dict:
+    used = torch.device("cuda") if device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
+    return {"device": device_name(used), "cpu": device_name(torch.device("cpu")), "torch": torch.__version__,
+            "python": platform.python_version(), "gpus": torch.cuda.device_count()}

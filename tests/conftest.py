@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,26 @@ def make_dataset(out: Path, text: str = TINY_TEXT, val_fraction: float = 0.1) ->
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 3-step tiny run (its data in data/, checkpoints in ckpt/), trained once per worker: for tests
+    that only read it. A test that changes it works on a copy (shutil.copytree)."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    run_script("train_single.py", *tiny_overrides(make_dataset(run / "data"), run, train__max_steps=3), check=True)
+    return run
+
+
+def tiny_config(run_dir: Path, data_dir: Path, **extra) -> Path:
+    """tiny_overrides as a config file, run_dir/tiny.yaml, for tools that take --config."""
+    sections: dict[str, dict] = {}
+    for key, value in (o.split("=", 1) for o in tiny_overrides(data_dir, run_dir, **extra)):
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+    config = run_dir / "tiny.yaml"
+    config.write_text(yaml.safe_dump(sections))
+    return config
 
 
 def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:

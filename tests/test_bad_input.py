@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import inference
 from data import prepare_dataset
 import train_single
-from conftest import make_dataset, run_script, tiny_overrides
+from conftest import tiny_overrides
 from models.config_checks import ConfigError
 from models.config_loader import MOVED, load_config, valid_keys
 from utils.errors import one_line
@@ -132,12 +132,9 @@ def test_generated_training_runs_finish_or_exit_2(capsys, tiny_data, key, value)
         assert_one_line_or_success(code, capsys.readouterr().err)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("trained")
-    data = make_dataset(tmp / "data")
-    run_script("train_single.py", *tiny_overrides(data, tmp / "run", train__max_steps=1), check=True)
-    return tmp / "run/ckpt/best_model.pt"
+@pytest.fixture
+def checkpoint(tiny_run) -> Path:
+    return tiny_run / "ckpt/best_model.pt"
 
 
 ARG_VALUES = st.one_of(NASTY_NUMBERS, st.integers(-3, 12).map(str), st.text(max_size=6),

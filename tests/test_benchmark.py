@@ -9,7 +9,7 @@ from conftest import run_script, run_torchrun, tiny_overrides
 from models.config import ModelConfig
 from models.config_loader import load_config
 from models.transformer import GPT
-from scripts.benchmark import print_result
+from scripts.benchmark import main as benchmark_main, print_result
 from utils.distributed.process_group import DistInfo
 from utils.metrics.flops import flops_per_token, gpu_peak_flops, gpu_peak_key, model_flops_utilization
 from utils.metrics.logger import MetricsLogger
@@ -50,12 +50,13 @@ def test_benchmark_reports_every_field(tiny_data, tmp_path):
     assert result["achieved_tflops"] == pytest.approx(result["mfu"] * result["peak_flops"] / 1e12, rel=1e-2, abs=1e-4)
 
 
-
-def test_benchmark_bad_input_is_one_line(tiny_data, tmp_path):
-    """Bad flags or data give one `error:` line and exit 2, with no traceback."""
+def test_benchmark_bad_input_is_one_line(capsys, tiny_data, tmp_path):
+    """Bad flags or data give one `error:` line and exit 2, with no traceback (in-process; test_boundary.py runs
+    the script's usage error as a process)."""
     for args in (["--steps", "0"], ["data.dir=" + str(tmp_path / "missing")]):
-        proc = run_script("-m", "scripts.benchmark", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path), *args)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+        assert benchmark_main(["--device", "cpu", *tiny_overrides(tiny_data, tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_mfu_matches_hand_computation():
@@ -93,6 +94,7 @@ def test_unknown_gpu_reports_no_mfu(name, capsys):
     assert "n/a" in capsys.readouterr().out.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager(tiny_data, tmp_path):
     """torch.compile gives the eager losses and weights on CPU (fp32, two steps), from the two graphs compiled
     at build time, training's and evaluation's (the real steps compile nothing more)."""

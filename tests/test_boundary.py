@@ -36,12 +36,9 @@ def test_every_entry_point_answers_a_usage_error_in_one_line(script):
     assert "--no-such-flag" in one_error_line(proc.stderr) or "required" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("trained")
-    run_script("train_single.py", *tiny_overrides(make_dataset(tmp / "data"), tmp / "run", train__max_steps=1),
-               check=True)
-    return tmp / "run/ckpt/best_model.pt"
+@pytest.fixture
+def checkpoint(tiny_run) -> Path:
+    return tiny_run / "ckpt/best_model.pt"
 
 
 def run_shell(command: str, timeout: float = 120):

@@ -1,12 +1,12 @@
 """Checkpoints: atomic saves, exact resume, damaged files, mismatched models."""
 
-import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import load_weights, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
 from models.config import Config
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
@@ -28,10 +28,17 @@ def assert_same_run(a, b, step: int) -> None:
 RESUME = dict(train__max_steps=8, checkpoint__every=4, eval__every=4, model__dropout=0.1)
 
 
-def test_resume_is_bit_exact_single_process(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    """The uninterrupted 8-step run (data in data/, the run in full/) the resumed ones must equal."""
+    tmp = tmp_path_factory.mktemp("unbroken")
+    run_script("train_single.py", *tiny_overrides(make_dataset(tmp / "data"), tmp / "full", **RESUME), check=True)
+    return tmp
+
+
+def test_resume_is_bit_exact_single_process(unbroken, tmp_path):
     """8 steps == 4 steps (stop_at_step) + --resume auto to 8: same losses and weights, bit for bit."""
-    full, split = tmp_path / "full", tmp_path / "split"
-    run_script("train_single.py", *tiny_overrides(tiny_data, full, **RESUME), check=True)
+    tiny_data, full, split = unbroken / "data", unbroken / "full", tmp_path / "split"
     first = run_script("train_single.py", *tiny_overrides(tiny_data, split, **RESUME, train__stop_at_step=4),
                        check=True)
     assert "stop_at_step=4 reached" in first.stdout and not (split / "ckpt/step_0000008.pt").exists()
@@ -51,11 +58,11 @@ def test_resume_is_bit_exact_with_two_ranks(tiny_data, tmp_path):
     assert_same_run(full, split, 8)
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_kill_during_save_keeps_previous_checkpoint(unbroken, tmp_path):
     """SIGKILL mid-save leaves the earlier checkpoint loadable; auto-resume finishes the run exactly."""
-    full, crashed = tmp_path / "full", tmp_path / "crashed"
-    run_script("train_single.py", *tiny_overrides(tiny_data, full, **RESUME), check=True)
-    env = dict(os.environ, KILL_AT_STEP="8", OMP_NUM_THREADS="1")
+    tiny_data, full, crashed = unbroken / "data", unbroken / "full", tmp_path / "crashed"
+    env = child_env(KILL_AT_STEP="8")
     proc = run_script("tests/kill_during_save.py", *tiny_overrides(tiny_data, crashed, **RESUME), env=env)
     assert proc.returncode == -signal.SIGKILL
     assert not (crashed / "ckpt/step_0000008.pt").exists()
@@ -66,6 +73,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
     assert_same_run(full, crashed, 8)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_previous(tiny_data, tmp_path):
     """Auto-resume skips a truncated newest file with a warning and resumes from the one before."""
     run = tmp_path / "run"

@@ -1,10 +1,12 @@
 """Bad input: one clear line on stderr (what is wrong, how to fix it), exit 2, no traceback, nothing lost."""
 
+import shutil
+
 import pytest
 
 import inference
 import train_single
-from conftest import make_dataset, run_script, tiny_overrides
+from conftest import make_dataset, tiny_overrides
 
 
 def fails_with(capsys, main, argv, *fragments) -> None:
@@ -17,10 +19,10 @@ def fails_with(capsys, main, argv, *fragments) -> None:
 
 
 @pytest.fixture
-def trained(tiny_data, tmp_path):
-    """A finished tiny run: (data dir, run dir)."""
-    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path / "run", train__max_steps=3), check=True)
-    return tiny_data, tmp_path / "run"
+def trained(tiny_run, tmp_path):
+    """A copy of a finished tiny run: (data dir, run dir)."""
+    shutil.copytree(tiny_run, tmp_path / "run", symlinks=True)
+    return tmp_path / "run/data", tmp_path / "run"
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -112,6 +112,7 @@ def test_verification_refuses_changed_shards(tmp_path):
         verify_dataset(data)
 
 
+@pytest.mark.slow
 def test_resume_across_shard_boundaries_is_bit_exact(tmp_path):
     """With the training split in 256-byte shards and batches that straddle them, 8 steps == 4 + resume to 8."""
     data = tmp_path / "data"
@@ -130,6 +131,7 @@ def test_resume_across_shard_boundaries_is_bit_exact(tmp_path):
     assert_same_run(full, split, 8)
 
 
+@pytest.mark.slow
 def test_training_never_reads_the_test_split_and_evaluate_reports_it(tmp_path):
     """Training runs with the test shards removed; scripts/evaluate.py --split test reports on them."""
     data = tmp_path / "data"

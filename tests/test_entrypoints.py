@@ -87,6 +87,7 @@ def test_tensorboard_command_serves_the_run(pipeline):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_seed_default_config_trains(tiny_data, tmp_path):
     """configs/default_config.yaml (the seed's model, bf16) runs a real step end to end on CPU."""
     proc = run_script("train_single.py", "--config", "configs/default_config.yaml", f"data.dir={tiny_data}",

@@ -90,6 +90,7 @@ def test_unsupported_options_are_refused(options, named, tmp_path, capsys):
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+@pytest.mark.slow
 def test_refusal_through_the_real_command(tmp_path):
     """python scripts/export_hf.py exits 2 with one line and no traceback; an existing folder is never overwritten."""
     checkpoint_of(tmp_path / "relu2.pt", activation="relu2")

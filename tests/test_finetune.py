@@ -128,15 +128,15 @@ def test_resume_auto_continues_the_fine_tune(runs):
     assert not torch.equal(stopped[MODEL]["tok_emb.weight"], load_weights(runs / SOURCE)[MODEL]["tok_emb.weight"])
 
 
-def test_the_model_base_of_a_resume_is_the_runs_own(runs, tmp_path):
+def test_the_model_base_of_a_resume_is_the_runs_own(tiny_run, tmp_path):
     """--resume PATH takes PATH's model section and --resume auto the run's config.yaml: neither reads the
     init checkpoint, which a fresh start needs and names in its error."""
-    source = load_weights(runs / SOURCE)[CONFIG]["model"]
+    step, folder = tiny_run / "ckpt/step_0000003.pt", str(tiny_run / "ckpt")
+    model = load_weights(step)[CONFIG]["model"]
     gone = str(tmp_path / "deleted.pt")
-    assert model_base(gone, str(runs / SOURCE), str(tmp_path / "ckpt")) == {"model": source}
-    assert model_base(gone, "auto", str(runs / "source/ckpt")) == {"model": source}
+    assert model_base(gone, str(step), str(tmp_path / "ckpt")) == {"model": model}
+    assert model_base(gone, "auto", folder) == {"model": model}
     with pytest.raises(CheckpointError, match="train.init_from: checkpoint not found"):
-        model_base(gone, None, str(runs / "source/ckpt"))
+        model_base(gone, None, folder)
     with pytest.raises(CheckpointError, match="--resume: checkpoint not found"):
-        model_base(str(runs / SOURCE), gone, str(runs / "source/ckpt"))
-
+        model_base(str(step), gone, folder)

@@ -123,6 +123,7 @@ def test_rollback_ends_with_the_weights_of_a_run_that_never_saw_the_window(tiny_
     assert spiked.guard.summary() == "health: 1 event(s): 1 rollback (step 200); data steps skipped: 151-200"
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_rollback_continues_exactly(tiny_data, tmp_path):
     """Rolled back at step 46, saved at 50, resumed in a new trainer: the same weights at 60 as without the
     interruption (the skipped windows travel in the checkpoint), and the summary still names the event."""

@@ -2,7 +2,6 @@
 user fixed glibc's threshold; without glibc's mallopt nothing changes."""
 
 import ctypes
-import sys
 
 import pytest
 
@@ -24,6 +23,7 @@ def no_handle(name: None) -> None:
     raise TypeError("LoadLibrary() argument 1 must be str, not None")  # CPython's CDLL(None) on Windows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_mallinfo2(), reason="glibc 2.33 or newer")
 def test_fsdp_ranks_return_freed_memory_unless_the_user_set_the_threshold(tiny_data, tmp_path):
     """After a real FSDP run on 2 ranks, on each rank a 1 MiB block allocated after a 16 MiB free is still a

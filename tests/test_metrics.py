@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -164,6 +163,7 @@ def wandb_records(path):
             payload = b""
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_scalars_config_and_samples(single_run, tmp_path):
     """logging.wandb=true with WANDB_MODE=offline: the run file holds TensorBoard's scalars and the config,
     and each evaluation's text sample is saved as HTML."""
@@ -202,6 +202,7 @@ def test_wandb_missing_stops_before_training_with_one_line(single_run, tmp_path)
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("train_*.log"))
 
 
+@pytest.mark.slow
 def test_a_refused_wandb_login_writes_nothing_and_the_next_start_is_fresh(single_run, tmp_path):
     """W&B online with no API key (a real refusal by wandb.init, in half a second): one line, exit 2, and
     neither config.yaml nor a log, so the same start without W&B is a fresh start, not "holds a run"."""

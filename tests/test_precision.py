@@ -103,6 +103,7 @@ def test_cpu_attention_runs_fp32_inside_bf16_autocast():
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_auto_is_recorded_resolved_and_kept_by_resume_and_sampling(tiny_data, tmp_path):
     env = child_env(BYTEGPT_CACHE_DIR=str(tmp_path / "cache"))
     args = ["train_single.py", "--device", "cpu", *tiny_overrides(tiny_data, tmp_path, train__precision="auto", train__max_steps=4,

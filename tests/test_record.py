@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_TEXT, finish, run_script, start, tiny_overrides
+from conftest import TINY_TEXT, finish, run_script, start, tiny_config
 from data.prepare_dataset import prepare
+from dev.record import main as record_main
 
 
-def tiny_config(tmp_path: Path, data: Path) -> Path:
-    sections: dict[str, dict] = {}
-    for key, value in (o.split("=", 1) for o in tiny_overrides(data, tmp_path, train__max_steps=4,
-                                                               train__eval_every=2, train__sample_tokens=0)):
-        section, name = key.split(".")
-        sections.setdefault(section, {})[name] = yaml.safe_load(value)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(sections))
-    return config
+def short_config(tmp_path: Path, data: Path) -> Path:
+    return tiny_config(tmp_path, data, train__max_steps=4, train__eval_every=2, train__sample_tokens=0)
 
 
 @pytest.mark.slow
@@ -30,7 +24,7 @@ def test_a_record_holds_every_run_its_curves_and_verdicts(tmp_path):
     whose verdicts follow the rule (a target far above the losses is reached, one far below is not)."""
     data = tmp_path / "data"
     prepare(data, [TINY_TEXT.encode()], ["tests"], 0.1, 0.1)  # with a test split, for --test
-    config = tiny_config(tmp_path, data)
+    config = short_config(tmp_path, data)
     out = tmp_path / "record"
     proc = run_script("-m", "dev.record", "--out", out, "--seeds", "1", "2", "--device", "cpu", "--test",
                       "--run", f"small={config}", "--run", f"rope={config} model.pos_emb=rope",
@@ -56,7 +50,7 @@ def test_a_record_side_by_side_with_nanogpt(tmp_path, tiny_data):
     a time ratio against it."""
     out = tmp_path / "record"
     run_script("-m", "dev.record", "--out", out, "--seeds", "1", "--device", "cpu", "--nanogpt",
-               os.environ["NANOGPT"], "--run", f"small={tiny_config(tmp_path, tiny_data)}", timeout=900, check=True)
+               os.environ["NANOGPT"], "--run", f"small={short_config(tmp_path, tiny_data)}", timeout=900, check=True)
     assert "x nanoGPT's (median over seeds" in (out / "README.md").read_text()
     assert (out / "nanogpt-s1.log").read_text().count("iter ") >= 2000
 
@@ -68,25 +62,27 @@ def test_a_record_side_by_side_with_nanogpt(tmp_path, tiny_data):
     (["--run", "a=configs/cpu_quickstart.yaml", "--nanogpt", "."], "is not a nanoGPT checkout"),
     (["--run", "a=configs/cpu_quickstart.yaml", "--seeds", "1", "1"], "--seeds must differ"),
 ])
-def test_bad_input_is_one_line_before_any_run(tmp_path, args, says):
-    proc = run_script("-m", "dev.record", "--out", tmp_path / "r", *args, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
-    assert proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists()
+def test_bad_input_is_one_line_before_any_run(capsys, tmp_path, args, says):
+    """In-process: the slow tests above run dev/record.py as a process."""
+    assert record_main(["--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
 
 
-def test_an_existing_record_is_never_overwritten(tmp_path):
+def test_an_existing_record_is_never_overwritten(capsys, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "README.md").write_text("kept")
-    proc = run_script("-m", "dev.record", "--out", tmp_path / "r", "--run", "a=configs/cpu_quickstart.yaml",
-                      timeout=120)
-    assert proc.returncode == 2 and "is never overwritten" in proc.stderr
+    assert record_main(["--out", str(tmp_path / "r"), "--run", "a=configs/cpu_quickstart.yaml"]) == 2
+    assert "is never overwritten" in capsys.readouterr().err
     assert (tmp_path / "r" / "README.md").read_text() == "kept"
 
 
+@pytest.mark.slow
 def test_gpu_track_trains_for_the_seconds_given_and_prints_its_speed(tmp_path, tiny_data):
     """dev/gpu_track.sh on a CPU: a run planned far longer is stopped by the timeout's SIGTERM (it saves and
     exits), and the one summary line gives its steps, tokens/s and MFU."""
-    proc = run_script_bash("dev/gpu_track.sh", tiny_config(tmp_path, tiny_data), "12", "--device", "cpu",
+    proc = run_script_bash("dev/gpu_track.sh", short_config(tmp_path, tiny_data), "12", "--device", "cpu",
                            "train.max_steps=1000000", "train.log_every=5", "eval.every=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]

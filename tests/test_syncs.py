@@ -28,7 +28,7 @@ def assert_quiet_between_reads(folder, ranks, collectives_per_step):
             assert steps.get(s, [0, 0]) == [0, collectives_per_step], (rank, s, steps.get(s))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_one_process_reads_nothing_between_log_lines(tiny_data, tmp_path, precision):
     """One process, bf16 (and fp16 with its GradScaler): no host read on the steps that log nothing."""
     overrides = tiny_overrides(tiny_data, tmp_path, train__max_steps=STEPS, train__log_every=LOG_EVERY,

@@ -98,7 +98,7 @@ def remount_read_only(mnt: Path, patience: float = 30) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("fault", ["full", "read-only"])
+@pytest.mark.parametrize("fault", ["full", pytest.param("read-only", marks=pytest.mark.slow)])
 def test_disk_fault_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, small_disk, fault):
     """The next save fails with one line and exit 2; the checkpoint saved before still loads."""
     run = tmp_path / "run"
@@ -135,10 +135,9 @@ def test_a_folder_that_turns_read_only_after_the_step_file_is_one_line(small_dis
         folder._prune(2)
 
 
-def test_closed_stdout_is_not_a_traceback(tiny_data, tmp_path):
+def test_closed_stdout_is_not_a_traceback(tiny_run):
     """inference.py piped into `head`: it stops quietly with 141, as a shell reports SIGPIPE."""
-    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=1), check=True)
-    proc = start([sys.executable, "inference.py", "--checkpoint", tmp_path / "ckpt/best_model.pt", "--prompt", "a",
+    proc = start([sys.executable, "inference.py", "--checkpoint", tiny_run / "ckpt/best_model.pt", "--prompt", "a",
                   "--max-new-tokens", "100000"])
     proc.stdout.read(10)
     proc.stdout.close()  # what `head -c 10` does
@@ -148,17 +147,17 @@ def test_closed_stdout_is_not_a_traceback(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("command", [
     ["-m", "scripts.evaluate", "--json", "/proc/no/such.json"],
-    ["-m", "scripts.export_hf", "--out", "/proc/no-such-export"],
+    pytest.param(["-m", "scripts.export_hf", "--out", "/proc/no-such-export"], marks=pytest.mark.slow),
 ])
-def test_unwritable_output_is_one_line_naming_the_path(tiny_data, tmp_path, command):
+def test_unwritable_output_is_one_line_naming_the_path(tiny_run, command):
     """An output path that cannot be written is named in one line, exit 2."""
-    run_script("train_single.py", *tiny_overrides(tiny_data, tmp_path, train__max_steps=1), check=True)
-    proc = run_script(*command, "--checkpoint", tmp_path / "ckpt/best_model.pt")
+    proc = run_script(*command, "--checkpoint", tiny_run / "ckpt/best_model.pt")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     line = proc.stderr.strip()
     assert line.startswith("error: ") and "\n" not in line and "/proc/no" in line, line
 
 
+@pytest.mark.slow
 def test_ranks_that_disagree_stop_at_once_with_the_keys(tiny_data, tmp_path):
     """One rank with another optim.lr and checkpoint.every: every rank exits at start naming both keys."""
     overrides = tiny_overrides(tiny_data, tmp_path, **LONG) + ["distributed.timeout_s=300"]
@@ -173,7 +172,7 @@ def test_ranks_that_disagree_stop_at_once_with_the_keys(tiny_data, tmp_path):
     assert f'File "{ROOT}' not in proc.stderr and not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("checkpoints", ["elsewhere", "on the same full disk"])
+@pytest.mark.parametrize("checkpoints", ["elsewhere", pytest.param("on the same full disk", marks=pytest.mark.slow)])
 def test_a_side_writer_on_a_full_disk_saves_first_or_says_what_was_lost(tiny_data, tmp_path, small_disk, checkpoints):
     """The logs (text log, metrics file, TensorBoard) fill their disk mid-run: one line, exit 2, and the
     training done is saved first if the checkpoint folder still takes it, or the line counts what was lost."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_script, tiny_overrides
+from dev.vs_nanogpt import main as vs_nanogpt_main
 
 
 def test_a_folder_without_nanogpt_is_refused(tmp_path):
@@ -14,11 +15,11 @@ def test_a_folder_without_nanogpt_is_refused(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not a nanoGPT checkout" in proc.stderr
 
 
-def test_a_model_nanogpt_cannot_express_is_refused(tmp_path):
+def test_a_model_nanogpt_cannot_express_is_refused(capsys, tmp_path):
     (tmp_path / "train.py").write_text("")
     (tmp_path / "configurator.py").write_text("")
-    proc = run_script("-m", "dev.vs_nanogpt", "--nanogpt", tmp_path, "model.pos_emb=rope", timeout=120)
-    assert proc.returncode == 2 and "nanoGPT's model is GPT-2's" in proc.stderr, proc.stderr
+    assert vs_nanogpt_main(["--nanogpt", str(tmp_path), "model.pos_emb=rope"]) == 2
+    assert "nanoGPT's model is GPT-2's" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.environ.get("NANOGPT"), reason="set NANOGPT to a nanoGPT checkout to run it")
