@@ -128,7 +128,6 @@ def lr_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     centre, sections, summary = 1.0, [], []
     for width, seeds in args.widths:
         losses = follow_optimum(lambda m: [final_loss(args, width, m, seed, log) for seed in seeds], centre)
@@ -141,7 +140,8 @@ def lr_sweep(args: argparse.Namespace) -> int:
     about = machine("cpu")
     command = "python -m dev.lr_sweep " + " ".join(sys.argv[1:])
     (out / "README.md").write_text("\n".join([
-        f"# Learning rate against width: {args.config} (started {started})", "",
+        f"# Learning rate against width: {args.config} (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
         f"- machine: {about['cpu']}; torch {about['torch']}, Python {about['python']}",
         f"- every run: {' '.join(args.overrides) or 'the config as it is'}; width W = model.dim W, "
         f"W / {args.head_size} heads, ffn_dim {args.ffn_ratio:.4g} W; one multiplier on optim.lr, optim.muon_lr "

@@ -56,10 +56,6 @@ class ModelConfig:
     """start residual output projections at zero instead of GPT-2's scaled init"""
     rope_base: float = 10000.0
     """rope only: the base of the rotary frequencies"""
-    logit_softcap: float = 0.0
-    """cap the logits smoothly at +-this (cap * tanh(logits / cap), Gemma 2, modded-nanogpt); 0 = off"""
-    unet_skips: bool = False
-    """add block i's output, by a learned weight, to the input of block n_layers-1-i (modded-nanogpt's U-net)"""
 
     def __post_init__(self) -> None:
         positive("model", self, "vocab_size", "context_length", "dim", "n_layers", "n_heads", "ffn_dim")
@@ -73,7 +69,6 @@ class ModelConfig:
         one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
         one_of("model.activation", self.activation, ("gelu", "relu2", "swiglu"))
         check(self.rope_base > 0, "model.rope_base must be positive")
-        non_negative("model", self, "logit_softcap")
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,6 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.dim) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        # U-net: the first half's outputs feed the second half's inputs, innermost first
-        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layers // 2)) if cfg.unet_skips else None
         self.norm_f = make_norm(cfg, cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -173,8 +171,6 @@ class GPT(nn.Module):
                 start[m.weight] = (1.0, 0.0)
             if getattr(m, "bias", None) is not None:
                 start[m.bias] = (0.0, 0.0)
-        if self.skip_weights is not None:
-            start[self.skip_weights] = (1.0, 0.0)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers), one pair per block
         proj_std = 0.0 if self.cfg.zero_init_proj else 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
@@ -214,19 +210,12 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
         x = self.drop(x)
-        skips, half = [], len(self.blocks) // 2 if self.skip_weights is not None else 0
-        for i, block in enumerate(self.blocks):
-            if i >= len(self.blocks) - half:
-                x = x + self.skip_weights[len(self.blocks) - 1 - i] * skips.pop()
+        for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, pos, use_reentrant=False)
             else:
                 x = block(x, rope, pos)
-            if i < half:
-                skips.append(x)
         logits = self.lm_head(self.norm_f(x))
-        if self.cfg.logit_softcap:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
