@@ -10,9 +10,10 @@ from conftest import run_script, tiny_overrides
 from dev.vs_nanogpt import main as vs_nanogpt_main
 
 
-def test_a_folder_without_nanogpt_is_refused(tmp_path):
-    proc = run_script("-m", "dev.vs_nanogpt", "--nanogpt", tmp_path, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not a nanoGPT checkout" in proc.stderr
+def test_a_folder_without_nanogpt_is_refused(capsys, tmp_path):
+    assert vs_nanogpt_main(["--nanogpt", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a nanoGPT checkout" in err and err.count("\n") == 1, err
 
 
 def test_a_model_nanogpt_cannot_express_is_refused(capsys, tmp_path):
