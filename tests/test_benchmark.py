@@ -32,6 +32,7 @@ def built(data_dir, tmp_path, **overrides) -> Trainer:
     return build_trainer(cfg, precision, CPU, plan, val_data, MetricsLogger(tmp_path, is_main=False))
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_field(tiny_data, tmp_path):
     """A smoke-sized CPU run prints the table and a JSON line whose fields agree with each other."""
     proc = run_script("-m", "scripts.benchmark", "--device", "cpu", "--steps", "3", "--warmup", "1",

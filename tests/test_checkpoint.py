@@ -103,6 +103,7 @@ def test_atomic_save_failure_leaves_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+@pytest.mark.slow
 def test_keep_last_k_and_links(tiny_data, tmp_path):
     """Only the last keep_last step files stay, besides best_model.pt and last_checkpoint.pt."""
     run = tmp_path / "run"

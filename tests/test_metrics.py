@@ -263,6 +263,7 @@ def run_on_pty(args: list, env: dict) -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_evaluation_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(single_run, tmp_path):
     """On a pty: a tqdm bar (carriage returns) and no log lines; redirected: plain lines and no bar."""
     _, run = single_run

@@ -26,6 +26,7 @@ from utils.errors import say
 PORT_KEY = "bytegpt/watchdog_port"
 EXIT_RANK_LOST = 1
 GRACE_S = 5.0  # a rank that fails itself meanwhile reports its own error instead (see depart)
+PEER_GONE_S = 30.0  # a collective said a peer's connection closed: the watchdog names the rank within this
 KEEPALIVE_S = (10, 5, 3)  # idle, interval, probes: a silent host counts as lost after about 25 s
 BYE_WAIT_S = 60.0  # rank 0 hosts the store: after a finished run it waits for the others to leave first
 BYE, LOST = b"bye", b"lost"
@@ -131,21 +132,25 @@ class Watchdog:
         with self._report:
             with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe by now
                 sys.stdout.flush()
-            who = "a rank that had not said hello" if self.lost_rank == -1 else f"rank {self.lost_rank}"
+            who = {-1: "a rank that had not said hello", None: "another rank"}.get(self.lost_rank,
+                                                                                  f"rank {self.lost_rank}")
             say(f"error: {who} ended before the run finished (killed, crashed or its host lost; see its own "
                 f"output); stopping rank {self.rank} as well")
             os._exit(EXIT_RANK_LOST)
 
-    def stop(self, finished: bool, error_may_be_a_peers: bool = False) -> None:
+    def stop(self, finished: bool, error_may_be_a_peers: bool = False, peer_gone: bool = False) -> None:
         """Leave the group. Finished: say goodbye; rank 0 first lets the others leave, since their process
         group still talks to the store it hosts. Failed: no goodbye, so the others stop too; and where the
         error may come from a peer (a collective that failed), wait GRACE_S for news of a rank that ended,
-        which is then the one line to report instead of the error."""
+        which is then the one line to report instead of the error. peer_gone: the backend itself said a peer's
+        connection closed, so a rank did end: wait up to PEER_GONE_S to name it (a busy machine may deliver the
+        backend's error first), and report the loss either way."""
         if finished and self.rank == 0:
             self._all_left.wait(BYE_WAIT_S)
         if not finished:
             self._failing.set()
-            if error_may_be_a_peers and self._lost.wait(GRACE_S):
+            wait = PEER_GONE_S if peer_gone else GRACE_S if error_may_be_a_peers else 0
+            if wait and (self._lost.wait(wait) or peer_gone):
                 self.exit_lost()
         self._done.set()
         for conn in list(self._peers) if self.rank == 0 else [self._conn]:
