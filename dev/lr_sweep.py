@@ -40,7 +40,7 @@ MAX_GRID = 7  # multipliers per width at most: 2^6 between the smallest and the 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=utf8_text, required=True)
-    p.add_argument("--out", type=utf8_text, required=True, help="the record's folder (must not exist yet)")
+    p.add_argument("--out", type=utf8_text, required=True, help="the record's folder: new, or a stopped sweep's to go on with")
     p.add_argument("--widths", nargs="+", required=True, help="model widths, W or W:N (N seeds at W)")
     p.add_argument("--seeds", type=number(int, 0, 2**31 - 1, "seeds"), nargs="+", default=[1, 2, 3])
     p.add_argument("--alpha", type=number(float, 0, 0.5, "a significance level", above=True), default=0.01)
@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     widths = []
     for spec in args.widths:
         w, _, n = spec.partition(":")
-        if not w.isdigit() or int(w) % args.head_size or (n and not (n.isdigit() and 2 <= int(n) or n == "1")):
+        if not w.isdigit() or int(w) % args.head_size or (n and not (n.isdigit() and 1 <= int(n) <= len(args.seeds))):
             raise UserError(f"--widths: {spec!r} must be W or W:N with W a multiple of the head size "
-                            f"{args.head_size} and N a number of seeds")
+                            f"{args.head_size} and N from 1 to the {len(args.seeds)} seeds")
         widths.append((int(w), args.seeds[:int(n)] if n else args.seeds))
     args.widths = widths
     return args
