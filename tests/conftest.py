@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import train_single
 from data.prepare_dataset import prepare
 
 # Every line differs a little, so a tiny model has something to learn but can still overfit it.
@@ -37,8 +39,13 @@ def tiny_run(tmp_path_factory) -> Path:
     """A finished 3-step tiny run (its data in data/, checkpoints in ckpt/), trained once per worker: for tests
     that only read it. A test that changes it works on a copy (shutil.copytree)."""
     run = tmp_path_factory.mktemp("tiny_run")
-    run_script("train_single.py", *tiny_overrides(make_dataset(run / "data"), run, train__max_steps=3), check=True)
+    train_here(*tiny_overrides(make_dataset(run / "data"), run, train__max_steps=3))
     return run
+
+
+def train_here(*argv: str) -> None:
+    """A training run in this process (its imports are paid): for a run a test reads, not one it watches end."""
+    assert train_single.main(list(argv)) == 0, f"training {argv} failed"
 
 
 def tiny_config(run_dir: Path, data_dir: Path, **extra) -> Path:
@@ -175,6 +182,25 @@ def run_script(*args: str | Path, timeout: float = 300, env: dict | None = None,
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_here(capfd, *args: str | Path) -> subprocess.CompletedProcess:
+    """run_script's answer without a new process: the script's __main__ block runs in this one, whose torch
+    import is paid. For what a command answers; how a process ends (signals, streams, paths) needs run_script."""
+    module = args[0] == "-m"
+    script = ROOT / (str(args[1]).replace(".", "/") + ".py" if module else args[0])
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *map(str, args[2 if module else 1:])]
+    capfd.readouterr()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def torchrun_cmd(nproc: int, *args: str | Path, max_restarts: int = 0) -> list[str]:

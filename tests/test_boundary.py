@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, finish, make_dataset, run_script, start, tiny_overrides
+from conftest import ROOT, finish, make_dataset, run_here, run_script, start, tiny_overrides
 from utils.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER
 
 # every file a user runs: the three at the top, the data preparation, and every script with a __main__
@@ -30,8 +30,11 @@ def one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
-def test_every_entry_point_answers_a_usage_error_in_one_line(script):
-    proc = run_script(script, "--no-such-flag", timeout=120)
+def test_every_entry_point_answers_a_usage_error_in_one_line(script, capfd):
+    """Each script's own __main__ in this process (a process of each runs in test_layout, by path and as a
+    module); the first one as a process of its own too, for the exit status a shell sees."""
+    proc = run_script(script, "--no-such-flag", timeout=120) if script == ENTRY_POINTS[0] else \
+        run_here(capfd, script, "--no-such-flag")
     assert proc.returncode == EXIT_USER
     assert "--no-such-flag" in one_error_line(proc.stderr) or "required" in proc.stderr
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import (child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides,
+                      train_here)
 from models.config import Config
 from models.config_loader import config_to_dict
 from utils.checkpoint import format as ckpt
@@ -32,7 +33,7 @@ RESUME = dict(train__max_steps=8, checkpoint__every=4, eval__every=4, model__dro
 def unbroken(tmp_path_factory) -> Path:
     """The uninterrupted 8-step run (data in data/, the run in full/) the resumed ones must equal."""
     tmp = tmp_path_factory.mktemp("unbroken")
-    run_script("train_single.py", *tiny_overrides(make_dataset(tmp / "data"), tmp / "full", **RESUME), check=True)
+    train_here(*tiny_overrides(make_dataset(tmp / "data"), tmp / "full", **RESUME))
     return tmp
 
 

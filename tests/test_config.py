@@ -7,7 +7,7 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_here
 from models.config_checks import ConfigError
 from models.config_loader import ELSEWHERE, MOVED, NOT_HERE, config_from_dict, config_to_dict, load_config, valid_keys
 from utils.train.cli import parse_cli
@@ -78,9 +78,9 @@ def test_parse_cli_splits_flags_and_overrides():
     assert cfg.train.max_steps == 7 and args.device == "cpu" and args.resume == "auto"
 
 
-def test_unknown_key_on_command_line_exits_cleanly(tmp_path):
+def test_unknown_key_on_command_line_exits_cleanly(capfd):
     """The entry point prints one error line naming the key, exits 2, and shows no traceback."""
-    proc = run_script("train_single.py", "--config", "configs/default_config.yaml", "train.lrr=1")
+    proc = run_here(capfd, "train_single.py", "--config", ROOT / "configs/default_config.yaml", "train.lrr=1")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key 'train.lrr' (did you mean 'optim.lr'?)"
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_TEXT, run_script, tiny_overrides
+from conftest import TINY_TEXT, run_here, run_script, tiny_overrides
 from data.dataset import ShardedBytes, load_split
 from data.prepare_dataset import prepare
 from data.shards import DataError, verify_dataset
@@ -90,7 +90,7 @@ def test_prepare_again_with_other_input_replaces_the_dataset(tmp_path):
     assert load_split(tmp_path / "d", "train")[np.arange(90)].tobytes() == b"b" * 90
 
 
-def test_verification_refuses_changed_shards(tmp_path):
+def test_verification_refuses_changed_shards(tmp_path, capfd):
     """Sizes are always checked, contents with sha256; training with data.verify=true refuses a
     same-size change in one line, and a removed shard is named."""
     data = tmp_path / "d"
@@ -103,7 +103,7 @@ def test_verification_refuses_changed_shards(tmp_path):
     verify_dataset(data, sha256=False)  # same size: only the hash can tell
     with pytest.raises(DataError, match="train-00002.bin does not match its sha256"):
         verify_dataset(data, sha256=True)
-    proc = run_script("train_single.py", *tiny_overrides(data, tmp_path / "run"), "data.verify=true")
+    proc = run_here(capfd, "train_single.py", *tiny_overrides(data, tmp_path / "run"), "data.verify=true")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {shard} does not match its sha256 in manifest.json: "
                                                 f"its contents changed after preparation; prepare the dataset again"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_here, run_script
 from utils.errors import UserError
 from utils.device import check_gpu_per_rank, fused_adamw, mps_available, pin_memory, resolve_device
 from utils.distributed.rendezvous import env_ranks
@@ -96,9 +96,10 @@ def test_per_device_choices():
 
 @pytest.mark.parametrize("script", ["train_single.py", "inference.py", "-m scripts.evaluate", "-m scripts.export_hf",
                                     "-m scripts.benchmark"])
-def test_every_entry_point_takes_device_and_refuses_a_bad_one(script, tmp_path):
+def test_every_entry_point_takes_device_and_refuses_a_bad_one(script, tmp_path, capfd):
     extra = {"-m scripts.export_hf": ["--out", str(tmp_path / "hf")], "inference.py": ["--prompt", "a"]}.get(script, [])
-    proc = run_script(*script.split(), "--device", "banana", *extra, timeout=120)
+    args = [*script.split(), "--device", "banana", *extra]  # the first as a process, the rest in this one
+    proc = run_script(*args, timeout=120) if script == "train_single.py" else run_here(capfd, *args)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "auto, cpu, cuda, cuda:N or mps" in err, err

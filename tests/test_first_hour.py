@@ -8,30 +8,31 @@ import os
 import stat
 
 import train_single
-from conftest import ROOT, run_script, tiny_overrides
+from conftest import ROOT, run_here, tiny_overrides
 from models.config_loader import SECTIONS, config_to_yaml, load_config
 
 
-def test_print_config_lists_every_key_with_type_value_and_doc():
+def test_print_config_lists_every_key_with_type_value_and_doc(capfd):
     """--print-config documents every key straight from the dataclasses, with the values of the file and
     the overrides when given."""
-    proc = run_script("train_single.py", "--print-config", check=True)
+    proc = run_here(capfd, "train_single.py", "--print-config")
     for section, cls in SECTIONS.items():
         assert f"{section}:\n" in proc.stdout
         for f in dataclasses.fields(cls):
             line = next(l for l in proc.stdout.splitlines() if l.startswith(f"  {f.name}: "))
             assert ")  # " in line, f"{section}.{f.name} has no meaning: {line!r}"
     assert "# peak learning rate" in proc.stdout and "  lr: 0.0003  (float)" in proc.stdout
-    from_file = run_script("train_single.py", "--print-config", "--config", ROOT / "configs/cpu_quickstart.yaml",
-                           "optim.lr=0.0042", check=True).stdout
+    from_file = run_here(capfd, "train_single.py", "--print-config", "--config", ROOT / "configs/cpu_quickstart.yaml",
+                         "optim.lr=0.0042").stdout
     quickstart = load_config(ROOT / "configs/cpu_quickstart.yaml")
     assert f"  max_steps: {quickstart.train.max_steps}  (int)" in from_file and "  lr: 0.0042  (float)" in from_file
 
 
-def test_console_gets_a_summary_and_the_log_file_the_full_config(tiny_data, tmp_path):
+def test_console_gets_a_summary_and_the_log_file_the_full_config(tiny_data, tmp_path, capfd):
     """Start-up prints a short summary; the resolved YAML goes to the log file and config.yaml only."""
     overrides = tiny_overrides(tiny_data, tmp_path, train__max_steps=2)
-    proc = run_script("train_single.py", "--config", ROOT / "configs/cpu_quickstart.yaml", *overrides, check=True)
+    proc = run_here(capfd, "train_single.py", "--config", ROOT / "configs/cpu_quickstart.yaml", *overrides)
+    assert proc.returncode == 0, proc.stderr
     for fragment in ("model: ", "data: ", "global batch: ", "precision: ", "checkpoints: "):
         assert any(l.startswith(fragment) for l in proc.stdout.splitlines()), fragment
     full = config_to_yaml(load_config(ROOT / "configs/cpu_quickstart.yaml", overrides)).rstrip()

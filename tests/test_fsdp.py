@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TEXT, child_env, load_weights, make_dataset, run_script, run_torchrun, tb_runs, \
+from conftest import TINY_TEXT, child_env, load_weights, make_dataset, run_here, run_script, run_torchrun, tb_runs, \
     tiny_overrides
 from utils.checkpoint import sharded
 from utils.checkpoint.folder import Checkpointer
@@ -163,10 +163,10 @@ def test_converted_checkpoint_gives_the_sharded_models_logits(runs, tmp_path):
     assert sample.stdout.startswith("the quick")
 
 
-def test_fsdp_refuses_fp16(tiny_data, tmp_path):
+def test_fsdp_refuses_fp16(tiny_data, tmp_path, capfd):
     """fp16 under FSDP stops before training with one line (no sharded GradScaler)."""
-    proc = run_script("train_single.py", "--device", "cpu",
-                      *tiny_overrides(tiny_data, tmp_path, distributed__strategy="fsdp", train__precision="fp16"))
+    proc = run_here(capfd, "train_single.py", "--device", "cpu",
+                    *tiny_overrides(tiny_data, tmp_path, distributed__strategy="fsdp", train__precision="fp16"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: distributed.strategy=fsdp does not support train.precision=fp16 (FSDP2 has no sharded "

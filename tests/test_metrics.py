@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, child_env, make_dataset, run_script, run_torchrun, tb_runs, tiny_overrides
+from conftest import (ROOT, child_env, make_dataset, run_here, run_script, run_torchrun, tb_runs, tiny_overrides,
+                      train_here)
 from models.config import ModelConfig
 from models.transformer import GPT
 from scripts.evaluate import main as evaluate_main
@@ -72,7 +73,7 @@ def single_run(tmp_path_factory):
     """A finished 6-step train_single.py run: (data dir, run dir)."""
     tmp = tmp_path_factory.mktemp("single")
     data = make_dataset(tmp / "data")
-    run_script("train_single.py", *tiny_overrides(data, tmp / "run"), check=True)
+    train_here(*tiny_overrides(data, tmp / "run"))
     return data, tmp / "run"
 
 
@@ -218,18 +219,19 @@ def test_a_refused_wandb_login_writes_nothing_and_the_next_start_is_fresh(single
     run_script("train_single.py", *overrides, check=True)
 
 
-def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path):
+def test_evaluate_script_reports_the_training_validation_numbers(single_run, tmp_path, capfd):
     """scripts/evaluate.py on the last checkpoint gives training's final val loss, and writes JSON."""
     data, run = single_run
-    proc = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
-                      "--json", tmp_path / "m.json", check=True)
+    proc = run_here(capfd, "-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt", "--split", "val",
+                    "--json", tmp_path / "m.json")
+    assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["bytes"] == (data / "val-00000.bin").stat().st_size - 1 and result["world_size"] == 1
     assert result["loss"] == pytest.approx(scalar_events(run / "logs").Scalars("val/loss")[-1].value, rel=1e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
     assert f"bits per byte {result['bits_per_byte']:.6f}" in proc.stdout
-    text = run_script("-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt",
-                      "--text-file", data / "val-00000.bin", "--batch-size", "1", "--json", tmp_path / "t.json", check=True)
+    text = run_here(capfd, "-m", "scripts.evaluate", "--checkpoint", run / "ckpt/last_checkpoint.pt",
+                    "--text-file", data / "val-00000.bin", "--batch-size", "1", "--json", tmp_path / "t.json")
     assert json.loads((tmp_path / "t.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-6), text.stdout
 
 

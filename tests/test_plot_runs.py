@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from conftest import make_dataset, run_script, tiny_overrides
+from conftest import make_dataset, run_here, run_script, tiny_overrides
 
 pytest.importorskip("matplotlib", reason="plotting needs matplotlib (requirements-dev.txt)")
 
@@ -51,36 +51,36 @@ def test_training_does_not_import_matplotlib(run):
     assert "matplotlib imported: False" in run[1]
 
 
-def test_plot_of_a_real_run_is_a_png_and_an_svg_of_the_asked_size(run, tmp_path):
+def test_plot_of_a_real_run_is_a_png_and_an_svg_of_the_asked_size(run, tmp_path, capfd):
     """Event files of a 6-step run -> PNG of --size x --dpi pixels and an SVG; the curve holds every logged step."""
     log_dir = run[0] / "logs"
     (curve,) = read_runs(str(log_dir))
     assert [p[0] for p in curve.train] == [1, 2, 3, 4, 5, 6] and [p[0] for p in curve.val] == [3, 6]
     assert all(a[1] <= b[1] for a, b in zip(curve.train, curve.train[1:]))  # seconds of training grow
-    proc = run_script("-m", "scripts.plot_runs", f"tiny={log_dir}", "--x", "both", "--size", "6x3", "--dpi", "50",
-                      "--out", tmp_path / "out/curves.png", check=True)
+    proc = run_here(capfd, "-m", "scripts.plot_runs", f"tiny={log_dir}", "--x", "both", "--size", "6x3", "--dpi", "50",
+                    "--out", tmp_path / "out/curves.png")
     assert "1 run(s)" in proc.stdout
     assert png_size(tmp_path / "out/curves.png") == (300, 150)
     svg = (tmp_path / "out/curves.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "tiny val" in svg
 
 
-def test_nanogpt_log_gives_its_evaluations_against_seconds_of_training(tmp_path):
+def test_nanogpt_log_gives_its_evaluations_against_seconds_of_training(tmp_path, capfd):
     """Evaluations at their steps; time leaves out the iterations that evaluated, as train/seconds does."""
     (tmp_path / "nanogpt.log").write_text(NANOGPT_LOG)
     curve = read_nanogpt_log(tmp_path / "nanogpt.log", "nanoGPT")
     assert [(s, loss) for s, _, loss in curve.val] == [(0, 4.1649), (3, 3.9534)]
     assert [round(t, 5) for _, t, _ in curve.val] == [0.0, round(0.88866 + 0.65664, 5)]
     assert [loss for _, _, loss in curve.train] == [4.1676, 3.9012]
-    run_script("-m", "scripts.plot_runs", tmp_path / "nanogpt.log", "--x", "time", "--out", tmp_path / "n.png",
-               check=True)
+    assert run_here(capfd, "-m", "scripts.plot_runs", tmp_path / "nanogpt.log", "--x", "time",
+                    "--out", tmp_path / "n.png").returncode == 0
     assert png_size(tmp_path / "n.png") == (1000, 400)
 
 
 @pytest.mark.parametrize("what", ["empty folder", "missing path", "not a log"])
-def test_refuses_what_holds_no_runs_with_one_line(tmp_path, what):
+def test_refuses_what_holds_no_runs_with_one_line(tmp_path, what, capfd):
     target = {"empty folder": tmp_path, "missing path": tmp_path / "nope", "not a log": tmp_path / "x.txt"}[what]
     (tmp_path / "x.txt").write_text("hello\n")
-    proc = run_script("-m", "scripts.plot_runs", target, "--out", tmp_path / "p.png")
+    proc = run_here(capfd, "-m", "scripts.plot_runs", target, "--out", tmp_path / "p.png")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "p.png").exists()

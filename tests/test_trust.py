@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, child_env, finish, run_script, run_torchrun, start, tiny_overrides
+from conftest import ROOT, child_env, finish, run_here, run_torchrun, start, tiny_overrides
 from utils.checkpoint import format as ckpt
 from utils.checkpoint.folder import Checkpointer
 from utils.checkpoint.format import CheckpointError, save_checkpoint
@@ -149,9 +149,9 @@ def test_closed_stdout_is_not_a_traceback(tiny_run):
     ["-m", "scripts.evaluate", "--json", "/proc/no/such.json"],
     pytest.param(["-m", "scripts.export_hf", "--out", "/proc/no-such-export"], marks=pytest.mark.slow),
 ])
-def test_unwritable_output_is_one_line_naming_the_path(tiny_run, command):
+def test_unwritable_output_is_one_line_naming_the_path(tiny_run, command, capfd):
     """An output path that cannot be written is named in one line, exit 2."""
-    proc = run_script(*command, "--checkpoint", tiny_run / "ckpt/best_model.pt")
+    proc = run_here(capfd, *command, "--checkpoint", tiny_run / "ckpt/best_model.pt")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     line = proc.stderr.strip()
     assert line.startswith("error: ") and "\n" not in line and "/proc/no" in line, line
