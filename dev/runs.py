@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,20 @@ def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]
     """Run train_single.py writing under tmp; the rows of its metrics.jsonl."""
     cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
            f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # `kill PID` of the tool (Ctrl-C reaches the whole process group anyway): as an interrupt here, it makes
+    # subprocess.run kill the run it waits on instead of leaving it to train on alone
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if proc.returncode != 0:
         raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {child_error(proc)}")
     return read_metrics(tmp / "logs")
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def machine(device: str) -> dict:

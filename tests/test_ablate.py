@@ -3,15 +3,21 @@ before any run. dev/lr_sweep.py: the grid that follows the best learning rate, a
 
 import json
 import math
+import os
 import re
+import signal
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import run_script, tiny_config
+from conftest import children, finish, run_script, start, tiny_config
 from dev.ablate import main as ablate_main
 from dev.lr_sweep import MAX_GRID, follow_optimum
+from utils.errors import EXIT_INTERRUPTED
 
 
 @pytest.mark.slow
@@ -29,6 +35,26 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     assert [(r["variant"], r["seed"]) for r in runs] == [("base", 1), ("rope", 1), ("base", 2), ("rope", 2)]  # turns
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in runs)
     assert [r["steps"] for r in runs if r["variant"] == "rope"] == [3, 3]  # a variant's own max_steps is kept
+
+
+@pytest.mark.slow
+def test_a_terminated_tool_leaves_no_training_run_behind(tiny_data, tmp_path):
+    """`kill PID` of dev/ablate.py while a run trains: the tool exits with one line and its run is gone too."""
+    config = tiny_config(tmp_path, tiny_data)
+    tool = start([sys.executable, "-m", "dev.ablate", "--config", config, "--budget", "600", "--seeds", "1",
+                  "--variant", "base:train.max_steps=1000000"])
+    deadline = time.monotonic() + 120
+    while not (runs := children(tool.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runs, "dev/ablate.py started no training run"
+    tool.send_signal(signal.SIGTERM)
+    done = finish(tool, 60)
+    stat = Path(f"/proc/{runs[0]}/stat")  # gone, or dead and waiting for init to reap it ("Z")
+    alive = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if alive:
+        os.kill(runs[0], signal.SIGKILL)  # an orphan is no longer under the tool, where _kill_started looks
+    assert not alive, "the training run outlived the tool"
+    assert done.returncode == EXIT_INTERRUPTED and done.stderr.startswith("error: interrupted"), done.stderr
 
 
 @pytest.mark.parametrize("args, says", [
