@@ -72,8 +72,9 @@ def process_group(cfg: DistributedConfig, device_arg: str | None = None) -> Iter
         yield DistInfo(rank, local_rank, world_size, device, backend)
     except BaseException as e:
         # a UserError is this rank's own verdict; anything else may be a collective failing for a dead peer
-        watchdog.stop(finished=False, error_may_be_a_peers=not isinstance(e, UserError),
-                      peer_gone=any(s in str(e) for s in PEER_GONE))
+        from_a_collective = not isinstance(e, UserError)
+        watchdog.stop(finished=False, error_may_be_a_peers=from_a_collective,
+                      peer_gone=from_a_collective and any(s in str(e) for s in PEER_GONE))
         traceback.clear_frames(e.__traceback__)  # the frames it was raised from hold the model, the model the group
         _free_group()
         raise
