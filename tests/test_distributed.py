@@ -224,6 +224,25 @@ def test_killed_rank_of_plain_processes_ends_the_other_with_one_line(tiny_data, 
         f"output); stopping rank {1 - killed} as well"]
 
 
+@pytest.mark.parametrize("die_after, named, at_least", [
+    (1.5, "rank 0", 1.5),  # the news comes after GRACE_S: still awaited, and the dead rank is named
+    pytest.param(-1, "another rank", 4.0, marks=pytest.mark.slow),  # no news (its host lost): PEER_GONE_S, the line
+])
+def test_a_collective_that_saw_its_peer_go_waits_to_name_it(die_after, named, at_least):
+    """A rank whose collective failed with "Connection closed by peer" (Watchdog.stop(peer_gone=True); the
+    helper's waits are shortened): it waits for the watchdog's news longer than for an ordinary error, names
+    the rank that ended when the news comes, says "another rank" when none comes, and exits 1 with one line."""
+    rank0 = start([sys.executable, "tests/helpers/peer_gone.py", "0", str(die_after)])
+    port = read_until(rank0, "port ", timeout=STARTUP_S)[-1].split()[1]
+    rank1 = finish(start([sys.executable, "tests/helpers/peer_gone.py", "1", port]), timeout=STARTUP_S)
+    waited = time.monotonic() - float(rank1.stdout.split()[-1])
+    assert rank1.returncode == 1 and rank1.stdout.startswith("failing at "), (rank1.stdout, rank1.stderr)
+    assert rank1.stderr.splitlines() == [
+        f"error: {named} ended before the run finished (killed, crashed or its host lost; see its own output); "
+        f"stopping rank 1 as well"]
+    assert at_least <= waited < 30, waited
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, (3, 1, 4)),  # torchrun
     ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}, (5, 1, 8)),  # srun tasks, no torchrun
