@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
+from dev.runs import run
 from models.config_loader import load_config
 from utils.device import DEVICE_CHOICES, resolve_device
 from utils.errors import ArgumentParser, UserError, number, run_cli, utf8_text
@@ -51,7 +51,7 @@ def measured_peak_mib(config: str | None, overrides: list[str], world_size: int,
         if world_size > 1 else [sys.executable]
     cmd = [*launch, "-m", "scripts.benchmark", "--device", device, "--steps", "1", "--warmup", str(steps - 1),
            *(["--config", config] if config else []), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    proc = run(cmd, capture_output=True, env={**os.environ, **env})
     if proc.returncode != 0:
         raise UserError(f"the measured run failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_memory_mib"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
-from dev.runs import machine, read_metrics
+from dev.runs import machine, read_metrics, run
 from dev.stats import paired_lower
 from models.config_loader import config_to_yaml, load_config
 from utils.errors import ArgumentParser, UserError, child_error, number, run_cli, utf8_text
@@ -105,8 +105,8 @@ def run_nanogpt(checkout: Path, log: Path) -> dict:
     """nanoGPT's CPU recipe, its stdout saved as log; its final val loss and seconds of training."""
     with tempfile.TemporaryDirectory() as tmp:
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={tmp}"], cwd=checkout,
-                                  stdout=f, stderr=subprocess.STDOUT, text=True)
+            proc = run([sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={tmp}"], cwd=checkout, stdout=f,
+                       stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise UserError(f"nanoGPT's train.py exited {proc.returncode}; its output is in {log}")
     step, seconds, loss = read_nanogpt_log(log, "nanoGPT").val[-1]
@@ -121,7 +121,7 @@ def run_ours(name: str, config: str, overrides: list[str], seed: int, folder: Pa
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*launch, "--config", Path(config).resolve(), "--device", device, *overrides,
                f"train.seed={seed}", f"logging.dir={folder.resolve()}", f"checkpoint.dir={tmp}"]
-        proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
+        proc = run(cmd, cwd=ROOT, capture_output=True)
         if proc.returncode != 0:
             raise UserError(f"run {name}, seed {seed} failed: {child_error(proc)}")
         last = {k: v for row in read_metrics(folder) for k, v in row.items()}
@@ -132,9 +132,8 @@ def run_ours(name: str, config: str, overrides: list[str], seed: int, folder: Pa
         if test:
             out = Path(tmp, "test.json")
             final = max(Path(tmp).glob("step_*.pt"))  # the last weights, as the table's val loss is theirs
-            proc = subprocess.run([sys.executable, "-m", "scripts.evaluate", "--checkpoint", str(final),
-                                   "--split", "test", "--device", device, "--json", str(out)],
-                                  cwd=ROOT, capture_output=True, text=True)
+            proc = run([sys.executable, "-m", "scripts.evaluate", "--checkpoint", final, "--split", "test",
+                        "--device", device, "--json", out], cwd=ROOT, capture_output=True)
             if proc.returncode != 0:
                 raise UserError(f"run {name}, seed {seed}: the test split could not be evaluated: {child_error(proc)}")
             result["test_bits_per_byte"] = json.loads(out.read_text())["bits_per_byte"]

@@ -27,24 +27,40 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in found[-1].read_text().splitlines()]
 
 
+def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run for a tool's child (a training run, torchrun, nanoGPT). `kill PID` of the tool ends the
+    child too (Ctrl-C reaches the whole process group anyway): SIGTERM is passed on, so a run stops as it
+    would on a preemption and torchrun passes it to its workers; a second one kills the child. The tool then
+    stops as if interrupted."""
+    if kwargs.pop("capture_output", False):
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    terminated = []
+
+    def pass_on(signum: int, frame) -> None:
+        (proc.kill if terminated else proc.terminate)()
+        terminated.append(signum)
+
+    with subprocess.Popen(list(map(str, cmd)), text=True, **kwargs) as proc:
+        previous = signal.signal(signal.SIGTERM, pass_on)
+        try:
+            out, err = proc.communicate()
+        except BaseException:  # an interrupt of this process alone (kill -INT PID): the child is not left behind
+            proc.kill()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        raise KeyboardInterrupt
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def train(config: str, overrides: list[str], tmp: Path) -> list[dict[str, float]]:
     """Run train_single.py writing under tmp; the rows of its metrics.jsonl."""
-    cmd = [sys.executable, "train_single.py", "--config", config, *overrides,
-           f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'logs'}"]
-    # `kill PID` of the tool (Ctrl-C reaches the whole process group anyway): as an interrupt here, it makes
-    # subprocess.run kill the run it waits on instead of leaving it to train on alone
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    proc = run([sys.executable, "train_single.py", "--config", config, *overrides, f"checkpoint.dir={tmp / 'ckpt'}",
+                f"logging.dir={tmp / 'logs'}"], cwd=ROOT, capture_output=True)
     if proc.returncode != 0:
         raise UserError(f"training with {' '.join(overrides) or 'the config alone'} failed: {child_error(proc)}")
     return read_metrics(tmp / "logs")
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def machine(device: str) -> dict:

@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path too: this checkout's packages first
 
 from data.dataset import load_split
+from dev.runs import run
 from models.config import Config
 from models.config_checks import ConfigError
 from models.config_loader import load_config
@@ -70,7 +70,7 @@ def prepare_nanogpt_data(nanogpt: Path, data_dir: Path) -> None:
 
 def run_nanogpt(nanogpt: Path, flags: list[str], warmup: int) -> float:
     """Median ms per iteration of nanoGPT's train.py, after `warmup` iterations (iteration 0 evaluates)."""
-    proc = subprocess.run([sys.executable, "train.py", *flags], cwd=nanogpt, capture_output=True, text=True)
+    proc = run([sys.executable, "train.py", *flags], cwd=nanogpt, capture_output=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
         raise UserError(f"nanoGPT's train.py exited {proc.returncode} (its output is above)")
@@ -85,7 +85,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "scripts.benchmark", "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, *(["--config", args.config] if args.config else []),
            *overrides, *(["train.compile=true"] if args.compiled else [])]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = run(cmd, cwd=ROOT, capture_output=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise UserError(f"scripts/benchmark.py exited {proc.returncode} (its error is above)")

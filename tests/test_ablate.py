@@ -1,6 +1,7 @@
 """dev/ablate.py: variants trained per seed at one wall-clock budget and tabulated; bad input is one line
 before any run. dev/lr_sweep.py: the grid that follows the best learning rate, and a stopped sweep going on."""
 
+import contextlib
 import json
 import math
 import os
@@ -37,23 +38,41 @@ def test_ablate_prints_a_table_of_fixed_budget_runs(tiny_data, tmp_path):
     assert [r["steps"] for r in runs if r["variant"] == "rope"] == [3, 3]  # a variant's own max_steps is kept
 
 
+def tree(pid: int) -> list[int]:
+    found = children(pid)
+    return found + [p for c in found for p in tree(c)]
+
+
+def running(pid: int) -> bool:
+    """Alive, not a zombie waiting for init to reap it."""
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
 @pytest.mark.slow
-def test_a_terminated_tool_leaves_no_training_run_behind(tiny_data, tmp_path):
-    """`kill PID` of dev/ablate.py while a run trains: the tool exits with one line and its run is gone too."""
-    config = tiny_config(tmp_path, tiny_data)
-    tool = start([sys.executable, "-m", "dev.ablate", "--config", config, "--budget", "600", "--seeds", "1",
-                  "--variant", "base:train.max_steps=1000000"])
+@pytest.mark.parametrize("tool, processes", [
+    (["-m", "dev.ablate", "--budget", "600", "--seeds", "1", "--variant", "base:train.max_steps=1000000"], 1),
+    (["-m", "dev.record", "--seeds", "1", "--nproc", "2", "--run", "long=CONFIG train.max_steps=1000000"], 3),
+])  # dev/record.py under torchrun: the agent and its two workers
+def test_a_terminated_tool_leaves_no_training_run_behind(tiny_data, tmp_path, tool, processes):
+    """`kill PID` of a dev/ tool while its run trains: the tool exits with one line, and its run is gone too,
+    torchrun's workers included (dev/runs.py's run passes the SIGTERM on)."""
+    config = str(tiny_config(tmp_path, tiny_data))
+    args = [a.replace("CONFIG", config) for a in tool]
+    args += ["--config", config] if "dev.ablate" in args else ["--out", str(tmp_path / "record")]
+    proc = start([sys.executable, *args])
     deadline = time.monotonic() + 120
-    while not (runs := children(tool.pid)) and time.monotonic() < deadline:
+    while len(runs := tree(proc.pid)) < processes and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert runs, "dev/ablate.py started no training run"
-    tool.send_signal(signal.SIGTERM)
-    done = finish(tool, 60)
-    stat = Path(f"/proc/{runs[0]}/stat")  # gone, or dead and waiting for init to reap it ("Z")
-    alive = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    if alive:
-        os.kill(runs[0], signal.SIGKILL)  # an orphan is no longer under the tool, where _kill_started looks
-    assert not alive, "the training run outlived the tool"
+    assert len(runs) == processes, f"{tool[1]} started {runs}, not {processes} processes"
+    proc.send_signal(signal.SIGTERM)
+    done = finish(proc, 120)
+    left = [p for p in runs if running(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)  # an orphan is no longer under the tool, where _kill_started looks
+    assert not left, f"{len(left)} of the run's processes outlived {tool[1]}"
     assert done.returncode == EXIT_INTERRUPTED and done.stderr.startswith("error: interrupted"), done.stderr
 
 
