@@ -96,3 +96,36 @@ def test_a_bug_is_one_line_naming_the_file_that_holds_its_traceback(tmp_path):
         assert text.startswith("Traceback") and "planted_bug" in text and "ZeroDivisionError" in text
     finally:
         trace.unlink()
+
+
+def test_torchruns_error_file_is_never_seen_half_written(tmp_path, monkeypatch):
+    """torchrun reads a failed worker's error file the moment the process ends, and its agent dies on a partial
+    one (JSONDecodeError, seen once in CI: the agent's SIGTERM ended a rank in the middle of writing its line).
+    Torch's own reader, in a loop beside a thread that keeps writing, must only ever find no file or a whole one."""
+    import io
+    import threading
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from utils.errors import say
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    no_file = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file)).message
+    done = threading.Event()
+
+    def write() -> None:
+        while not done.is_set():
+            say("error: rank 0 ended before the run finished")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(3000):
+            failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+            assert failure.message in ("error: rank 0 ended before the run finished", no_file)
+    finally:
+        done.set()
+        writer.join()
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]  # no temporary left beside it

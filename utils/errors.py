@@ -115,9 +115,13 @@ def say(line: str) -> None:
     sys.stderr.flush()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
+        # whole or absent, never half written: torchrun's agent dies reading a partial file, and its SIGTERM
+        # can end this rank mid-write; a temporary of this thread's own, so two reporting threads do not mix
+        tmp = f"{error_file}.{os.getpid()}.{threading.get_ident()}"
         try:
-            with open(error_file, "w") as f:
+            with open(tmp, "w") as f:
                 json.dump({"message": line, "timestamp": int(time.time())}, f)
+            os.replace(tmp, error_file)
         except OSError:
             pass  # the report then says less; the line above was printed all the same
 
