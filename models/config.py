@@ -136,11 +136,16 @@ class OptimConfig:
     """muon only: the rate of the Muon part (hidden matrices)"""
     muon_momentum: float = 0.95
     """muon only: Nesterov momentum of the Muon part"""
+    base_width: int = 0
+    """adamw only: the blocks' matrices get lr x base_width / model.dim, the maximal-update parametrisation's
+    hidden-weight rule (Yang et al. 2022), so a rate found at base_width holds at other widths; 0: off"""
 
     def __post_init__(self) -> None:
         one_of("optim.name", self.name, ("adamw", "muon"))
         positive("optim", self, "lr", "muon_lr")
-        non_negative("optim", self, "weight_decay")
+        non_negative("optim", self, "weight_decay", "base_width")
+        check(not (self.base_width and self.name == "muon"), "optim.base_width scales the AdamW rate of the "
+              "blocks' matrices, which Muon trains under optim.name=muon; set optim.base_width=0 or optim.name=adamw")
         check(0 <= self.muon_momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
 

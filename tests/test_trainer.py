@@ -115,6 +115,37 @@ def test_muon_orthogonalises_in_the_runs_precision(precision, dtype):
     assert build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"), precision).ns_dtype == dtype
 
 
+@settings(max_examples=10, deadline=None)
+@given(dim=st.sampled_from([32, 64, 96]), base_width=st.sampled_from([16, 32, 128]), fused=st.booleans())
+def test_base_width_scales_the_adamw_rate_of_the_blocks_matrices_only(dim, base_width, fused):
+    """optim.base_width: Adam's first step moves each element by its group's rate (m / sqrt(v) = +-1), so every
+    element of a block's matrix moves by lr x base_width / dim, every embedding or gain element by lr, also after
+    the scheduler has scaled both."""
+    from models.config import ModelConfig, OptimConfig, ScheduleConfig
+    from models.transformer import GPT
+    from utils.train.optim import build_scheduler
+
+    model = GPT(ModelConfig(dim=dim, n_layers=2, n_heads=2, ffn_dim=2 * dim, context_length=16))
+    lr = 1e-2
+    opt = build_optimizer(model, OptimConfig(lr=lr, base_width=base_width, weight_decay=0.0, fused=fused),
+                          torch.device("cpu"))
+    scheduler = build_scheduler(opt, ScheduleConfig(warmup_steps=4), lr, max_steps=100)  # step 0: lr / 4
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))[1].backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).abs()[p.grad.abs() > 1e-4]  # where Adam's eps does not count
+        rate = lr / 4 * (base_width / dim if name.startswith("blocks.") and p.dim() == 2 else 1)
+        torch.testing.assert_close(moved, torch.full_like(moved, rate), rtol=2e-3, atol=0, msg=name)
+    assert scheduler.get_last_lr()[0] == pytest.approx(lr / 4 * base_width / dim)
+
+
+def test_base_width_belongs_to_adamw():
+    """Under Muon the blocks' matrices have no AdamW rate to scale: refused, with the fix."""
+    with pytest.raises(Exception, match="optim.base_width=0 or optim.name=adamw"):
+        load_config(None, ["optim.name=muon", "optim.base_width=128"])
+
+
 @settings(max_examples=25, deadline=None)
 @given(count=st.integers(1, 4), rows=st.integers(2, 40), cols=st.integers(2, 40), seed=st.integers(0, 2 ** 16))
 def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own(count, rows, cols, seed):

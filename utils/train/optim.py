@@ -182,8 +182,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
+    hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
     if cfg.name == "muon":
-        hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
         groups = [
             dict(params=[p for p in matrices if id(p) in hidden], muon=True, weight_decay=0.0),
             dict(params=[p for p in matrices if id(p) not in hidden], muon=False, weight_decay=cfg.weight_decay),
@@ -192,6 +192,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
         return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
                     adam_lr=cfg.lr, ns_dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
     groups = [dict(params=matrices, weight_decay=cfg.weight_decay), dict(params=vectors, weight_decay=0.0)]
+    if cfg.base_width:  # Adam's update of a hidden matrix moves its output in proportion to fan-in: rate / width
+        groups.insert(0, dict(params=[p for p in matrices if id(p) in hidden], weight_decay=cfg.weight_decay,
+                              lr=cfg.lr * cfg.base_width / model.cfg.dim))
+        groups[1]["params"] = [p for p in matrices if id(p) not in hidden]
     # one fused kernel over all tensors; on CPU (torch 2.4+) it cut AdamW's time 4x (docs/benchmarks.md)
     fused = cfg.fused and fused_adamw(device)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
