@@ -46,6 +46,20 @@ def test_signal_saves_exits_75_and_resume_matches(tiny_data, tmp_path, sig):
     assert_same_weights(full / "ckpt/step_0000300.pt", cut / "ckpt/step_0000300.pt")
 
 
+def test_a_signal_before_the_first_log_line_stops_the_run_within_seconds(tiny_data, tmp_path):
+    """The stop is polled every ~STOP_POLL_S of training from the first step on, not only from the first log
+    line: with a log line due only at step 10^6, a SIGTERM right after start-up still saves and exits 75 at
+    once (it used to run on to step 10^6; the test's 60 s would end it)."""
+    never = 10 ** 6
+    proc = start([sys.executable, "train_single.py", "--resume", "auto", *tiny_overrides(
+        tiny_data, tmp_path, **{**LONG, "train__max_steps": never, "train__log_every": never})], merge_stderr=True)
+    head = read_until(proc, "no checkpoint in")  # the last start-up line: the stop flag listens from here on
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(head) + finish(proc, timeout=60).stdout
+    assert proc.returncode == EXIT_PREEMPTED, out
+    assert (tmp_path / f"ckpt/step_{stopped_step(out):07d}.pt").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_saves_on_all_ranks_and_resumes(tiny_data, tmp_path):
     """SIGTERM to torchrun reaches both workers; they agree on a step, save once, and resuming matches."""

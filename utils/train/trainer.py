@@ -86,7 +86,9 @@ class Trainer:
         self.best_val_loss = math.inf
         self.skipped_steps = 0
         self.last_norm = math.nan
-        self.poll = self.cfg.log_every  # steps between reads; set from the measured step time (read)
+        # steps between reads, set from the measured step time at each read; the first step is read at once, or
+        # a stop signal before the first log line would wait up to log_every steps (minutes for a large model)
+        self.poll = 1
         self.read_every_step = config.health.action in ("rollback", "stop")
         self._losses: list[float] = []
         self._pending: list[Pending] = []
