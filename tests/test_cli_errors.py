@@ -109,6 +109,15 @@ def test_resume_with_other_model_shape(capsys, trained):
                "another model shape", "model.dim: checkpoint 32 vs config 64", "model.n_layers: checkpoint 2 vs config 3")
 
 
+@pytest.mark.parametrize("optim", [dict(optim__name="muon"), dict(optim__base_width=16)])
+def test_resume_with_other_optimizer_groups(capsys, trained, optim):
+    """A checkpoint's optimizer state fits only the parameter groups it was saved with: another optimizer, or
+    base_width switched on, is one line naming the saved settings and the way to keep the weights."""
+    data, run = trained
+    fails_with(capsys, train_single.main, ["--resume", "auto", *tiny_overrides(data, run, **optim)],
+               "was trained with optim.name=adamw optim.base_width=0", "train.init_from=")
+
+
 def test_existing_run_is_never_overwritten(capsys, trained):
     """Starting a new run where checkpoints exist refuses, and the files are untouched."""
     data, run = trained

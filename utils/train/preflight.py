@@ -72,11 +72,17 @@ def model_changes(cfg: Config, state: dict, free: tuple[str, ...] = ()) -> list[
 
 
 def check_fits(cfg: Config, path: str, state: dict) -> None:
-    """A checkpoint can only continue a run of the same model shape, and needs optimizer state."""
+    """A checkpoint can only continue a run of the same model shape, and of the same optimizer parameter groups
+    (optim.name and whether optim.base_width is set), whose state it holds."""
     diff = model_changes(cfg, state)
     if diff:
         raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diff)}); "
                               f"resume with the same model settings")
+    saved, ours = state[ckpt.CONFIG].get("optim", {}), config_to_dict(cfg)["optim"]
+    if (saved.get("name", "adamw"), bool(saved.get("base_width"))) != (ours["name"], bool(ours["base_width"])):
+        raise CheckpointError(f"{path} was trained with optim.name={saved.get('name', 'adamw')} optim.base_width="
+                              f"{saved.get('base_width', 0)}, whose optimizer state this run's cannot take; resume with "
+                              f"those, or start from its weights with train.init_from={path}")
 
 
 def state_bytes_per_rank(cfg: Config, world_size: int) -> tuple[int, int]:
